@@ -1,0 +1,162 @@
+"""End-to-end providers: one function per library that turns a freshly built model into a model with `method`.
+
+Providers: `fastpeft` (kernels on), `fastpeft_ref` (the same model with `fastpeft.disable_kernels()` around the
+measurement), `adapters` (AdapterHub, the matching config), `peft` (LoRA and prefix tuning only), `full` (full
+fine-tuning, the yardstick; method "full"). A provider that cannot run here raises `Unavailable` with the reason.
+
+Every method's size is written down once, in `METHODS`, from the papers' defaults (`../shared/PAPER.md` sections 2
+and 4), and given to each library in its own terms. Zero-initialised trainable weights (LoRA's B, the parallel
+adapter's up-projection) are re-drawn from a small normal after setup, the same way for every provider: timing a
+product with zeros measures nothing a user trains with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+PROVIDERS = ("fastpeft", "fastpeft_ref", "adapters", "peft", "full")
+PEFT_METHODS = ("lora", "prefix")
+
+
+class Unavailable(Exception):
+    """This provider cannot run this method here; the message says why."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    r: int = 0  # bottleneck (adapters) or rank (LoRA)
+    activation: str = "relu"
+    scale: float = 1.0  # s of the scaled add; LoRA: alpha / r
+    prefix: int = 0  # prefix length l
+    reparam: int = 0  # width of the prefix reparametrization MLP
+
+
+METHODS = {
+    "houlsby": MethodSpec(r=64, activation="gelu"),
+    "pfeiffer": MethodSpec(r=64, activation="relu"),
+    "parallel": MethodSpec(r=64, activation="relu", scale=1.0),
+    "scaled_parallel": MethodSpec(r=512, activation="relu", scale=4.0),
+    "lora": MethodSpec(r=8, scale=16 / 8),
+    "prefix": MethodSpec(prefix=200, reparam=512),
+    "mam": MethodSpec(r=512, activation="relu", scale=4.0, prefix=30, reparam=800),
+    "full": MethodSpec(),
+}
+
+# The providers each method has (besides fastpeft and fastpeft_ref, which have every method but "full").
+_OTHERS = {"lora": ("adapters", "peft"), "prefix": ("adapters", "peft"), "full": ("full",)}
+
+
+def providers_for(method: str) -> tuple[str, ...]:
+    if method == "full":
+        return ("full",)
+    return ("fastpeft", "fastpeft_ref") + _OTHERS.get(method, ("adapters",))
+
+
+def prepare(model, model_name: str, method: str, provider: str):
+    """Apply `method` with `provider` to `model` in place; returns the model to run (peft wraps it)."""
+    if provider == "full":
+        return model
+    if provider in ("fastpeft", "fastpeft_ref"):
+        model = _fastpeft(model, method)
+    elif provider == "adapters":
+        model = _adapters(model, model_name, method)
+    elif provider == "peft":
+        model = _peft(model, model_name, method)
+    else:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad and not param.any():
+                param.normal_(0.0, 0.02)
+    return model
+
+
+def run_context(provider: str):
+    """The context every step of `provider` runs in (the reference path for fastpeft_ref)."""
+    if provider == "fastpeft_ref":
+        import fastpeft
+
+        return fastpeft.disable_kernels()
+    return contextlib.nullcontext()
+
+
+def _fastpeft(model, method):
+    import fastpeft
+
+    if not hasattr(fastpeft, "apply"):
+        raise Unavailable("fastpeft.apply is not in this fastpeft yet (the Python layer, issue 5)")
+    return fastpeft.apply(model, method)
+
+
+def _adapters(model, model_name, method):
+    try:
+        import adapters
+    except Exception as error:  # noqa: BLE001 - any import failure means the library is unusable here
+        raise Unavailable(f"adapters cannot be imported here ({type(error).__name__}: {error})") from None
+    from adapters import (
+        DoubleSeqBnConfig,
+        LoRAConfig,
+        MAMConfig,
+        ParBnConfig,
+        PrefixTuningConfig,
+        SeqBnConfig,
+    )
+
+    spec = METHODS[method]
+    d = model.config.hidden_size
+    bottleneck = dict(reduction_factor=d / spec.r, non_linearity=spec.activation) if spec.r else {}
+    if method == "houlsby":
+        config = DoubleSeqBnConfig(**bottleneck)
+    elif method == "pfeiffer":
+        config = SeqBnConfig(**bottleneck)
+    elif method in ("parallel", "scaled_parallel"):
+        config = ParBnConfig(**bottleneck, scaling=spec.scale)
+    elif method == "lora":
+        config = LoRAConfig(r=spec.r, alpha=int(spec.r * spec.scale), attn_matrices=["q", "v"])
+    elif method == "prefix":
+        config = PrefixTuningConfig(prefix_length=spec.prefix, bottleneck_size=spec.reparam)
+    elif method == "mam":
+        config = MAMConfig(
+            PrefixTuningConfig(prefix_length=spec.prefix, bottleneck_size=spec.reparam),
+            ParBnConfig(**bottleneck, scaling=spec.scale),
+        )
+    else:
+        raise Unavailable(f"no adapters config for method {method!r}")
+    # add_adapter logs "adapters available but none are activated" while it sets the new one active: silence it.
+    quiet = logging.getLogger("adapters.model_mixin")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        adapters.init(model)
+        model.add_adapter("bench", config=config, set_active=True)
+        model.train_adapter("bench")
+    finally:
+        quiet.setLevel(level)
+    return model
+
+
+def _peft(model, model_name, method):
+    import peft
+
+    spec = METHODS[method]
+    task = {"roberta-base": "SEQ_CLS", "bart-large": "SEQ_2_SEQ_LM", "llama-1b": "CAUSAL_LM"}[model_name]
+    if method == "lora":
+        targets = ["query", "value"] if model_name == "roberta-base" else ["q_proj", "v_proj"]
+        config = peft.LoraConfig(task_type=task, r=spec.r, lora_alpha=int(spec.r * spec.scale),
+                                 lora_dropout=0.0, target_modules=targets)
+    elif method == "prefix":
+        config = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=spec.prefix, prefix_projection=True,
+                                         encoder_hidden_size=spec.reparam)
+    else:
+        raise Unavailable(f"peft has no {method!r} (it has LoRA and prefix tuning, no bottleneck adapters)")
+    return peft.get_peft_model(model, config)
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
