@@ -44,7 +44,8 @@ def run_job(model_name, method, provider, tasks, *, quick, device, dtype, timer)
     work = e2e_models.workload(model_name, quick)
     shape = {k: v for k, v in vars(work).items() if v}
     base = {"subject": SUBJECT, "model": model_name, "method": method, "provider": provider,
-            "dtype": str(dtype).replace("torch.", ""), "shape": shape}
+            "dtype": str(dtype).replace("torch.", ""), "shape": shape,
+            "spec": {k: v for k, v in vars(e2e_providers.method_spec(method)).items() if v}}
     records = []
     model = None
     try:
@@ -68,7 +69,7 @@ def run_job(model_name, method, provider, tasks, *, quick, device, dtype, timer)
             record.update(harness.error_fields(error))
         records.append(record)
     del model
-    _free(device)
+    free_memory(device)
     return records
 
 
@@ -133,19 +134,24 @@ def _train(model, batches, device, timer, tokens) -> dict:
 
 
 def _timed(call: Callable[[int], object], device, timer, tokens: Optional[int], grad: bool = False) -> dict:
+    peak_mb = None
     with torch.enable_grad() if grad else torch.inference_mode():
-        # Warm-up and timing by the shared timer; peak memory over one more call after it.
+        # Warm-up and timing by the shared timer; peak memory over one more call after it (GPU only: PyTorch
+        # keeps no allocation statistics on the CPU).
         times = timer.measure(call, device)
-        with harness.PeakMemory(device) as peak:
-            call(len(times) + 1)
+        if device.type == "cuda":
+            with harness.PeakMemory(device) as peak:
+                call(len(times) + 1)
+            peak_mb = peak.absolute_mb
     stats = harness.spread(times)
-    result = {"ms": stats, "peak_memory_mb": peak.absolute_mb}
+    result = {"ms": stats, "peak_memory_mb": peak_mb}
     if tokens is not None:
         result["tokens_per_s"] = tokens / (stats["p50"] / 1e3)
     return result
 
 
-def _free(device):
-    gc.collect()
+def free_memory(device):
+    """Returns the last model's memory to the GPU before the next one is built (nothing to do on the CPU)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()

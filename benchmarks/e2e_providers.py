@@ -4,8 +4,9 @@ Providers: `fastpeft` (kernels on), `fastpeft_ref` (the same model with `fastpef
 measurement), `adapters` (AdapterHub, the matching config), `peft` (LoRA and prefix tuning only), `full` (full
 fine-tuning, the yardstick; method "full"). A provider that cannot run here raises `Unavailable` with the reason.
 
-Every method's size is written down once, in `METHODS`, from the papers' defaults (`../shared/PAPER.md` sections 2
-and 4), and given to each library in its own terms. Zero-initialised trainable weights (LoRA's B, the parallel
+Every method's sizes come from one place, `method_spec`: fastpeft's preset of the same name (what
+`fastpeft.apply(model, name)` builds), or the papers' defaults in `METHODS` while fastpeft has no presets, and are
+given to each library in its own terms. Zero-initialised trainable weights (LoRA's B, the parallel
 adapter's up-projection) are re-drawn from a small normal after setup, the same way for every provider: timing a
 product with zeros measures nothing a user trains with.
 """
@@ -30,21 +31,44 @@ class Unavailable(Exception):
 class MethodSpec:
     r: int = 0  # bottleneck (adapters) or rank (LoRA)
     activation: str = "relu"
-    scale: float = 1.0  # s of the scaled add; LoRA: alpha / r
+    scale: object = 1.0  # s of the scaled add (a float, or "learned"); LoRA: alpha / r
     prefix: int = 0  # prefix length l
     reparam: int = 0  # width of the prefix reparametrization MLP
+    train_layernorm: bool = False  # the norms are trained too (Houlsby)
 
 
+# The papers' defaults (PAPER.md sections 2 and 4), used when fastpeft has no presets to read them from.
 METHODS = {
-    "houlsby": MethodSpec(r=64, activation="gelu"),
+    "houlsby": MethodSpec(r=64, activation="gelu", train_layernorm=True),
     "pfeiffer": MethodSpec(r=64, activation="relu"),
-    "parallel": MethodSpec(r=64, activation="relu", scale=1.0),
+    "parallel": MethodSpec(r=512, activation="relu", scale=1.0),
     "scaled_parallel": MethodSpec(r=512, activation="relu", scale=4.0),
     "lora": MethodSpec(r=8, scale=16 / 8),
     "prefix": MethodSpec(prefix=200, reparam=512),
-    "mam": MethodSpec(r=512, activation="relu", scale=4.0, prefix=30, reparam=800),
+    "mam": MethodSpec(r=512, activation="relu", scale=4.0, prefix=30, reparam=512),
     "full": MethodSpec(),
 }
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The sizes of `method`, read from fastpeft's preset of that name when fastpeft has presets (so every library
+    gets exactly what `fastpeft.apply(model, method)` builds), else from `METHODS`."""
+    import fastpeft
+
+    if method == "full" or not hasattr(fastpeft, "get_config"):
+        return METHODS[method]
+    config = fastpeft.get_config(method)
+    values = {"train_layernorm": bool(getattr(config, "train_layernorm", False))}
+    for part in (config.attn, config.ffn):
+        kind = type(part).__name__
+        if kind == "AdapterConfig":
+            values.update(r=part.r, activation=part.activation, scale=part.scale)
+        elif kind == "LoRAConfig":
+            values.update(r=part.r, scale=part.alpha / part.r)
+        elif kind == "PrefixConfig":
+            values.update(prefix=part.length, reparam=part.reparam_dim or 0)
+    return MethodSpec(**values)
+
 
 # The providers each method has (besides fastpeft and fastpeft_ref, which have every method but "full").
 _OTHERS = {"lora": ("adapters", "peft"), "prefix": ("adapters", "peft"), "full": ("full",)}
@@ -106,7 +130,7 @@ def _adapters(model, model_name, method):
         SeqBnConfig,
     )
 
-    spec = METHODS[method]
+    spec = method_spec(method)
     d = model.config.hidden_size
     bottleneck = dict(reduction_factor=d / spec.r, non_linearity=spec.activation) if spec.r else {}
     if method == "houlsby":
@@ -136,13 +160,18 @@ def _adapters(model, model_name, method):
         model.train_adapter("bench")
     finally:
         quiet.setLevel(level)
+    if spec.train_layernorm:  # as fastpeft's preset does (Houlsby trained the LayerNorms)
+        for module in model.modules():
+            name = type(module).__name__
+            if isinstance(module, torch.nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm")):
+                module.requires_grad_(True)
     return model
 
 
 def _peft(model, model_name, method):
     import peft
 
-    spec = METHODS[method]
+    spec = method_spec(method)
     task = {"roberta-base": "SEQ_CLS", "bart-large": "SEQ_2_SEQ_LM", "llama-1b": "CAUSAL_LM"}[model_name]
     if method == "lora":
         targets = ["query", "value"] if model_name == "roberta-base" else ["q_proj", "v_proj"]

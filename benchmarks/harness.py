@@ -46,12 +46,15 @@ class Timer:
         """
         before = before or (lambda i: None)
         clock = _cuda_clock if device.type == "cuda" else _host_clock
-        estimate = statistics.median(clock([call, before], 0, 3, device))
-        estimate = max(estimate, 1e-4)
-        warmup = max(self.min_warmup, math.ceil(self.warmup_ms / estimate))
-        reps = min(self.max_reps, max(self.min_reps, math.ceil(self.rep_ms / estimate)))
-        clock([call, before], 3, warmup, device)
-        return clock([call, before], 3 + warmup, reps, device)
+        start = 0
+        warmup, reps = self.min_warmup, self.min_reps
+        if self.warmup_ms > 0 or self.rep_ms > 0:  # calibrate: how many calls fill the time budgets
+            estimate = max(statistics.median(clock([call, before], 0, 3, device)), 1e-4)
+            warmup = max(self.min_warmup, math.ceil(self.warmup_ms / estimate))
+            reps = min(self.max_reps, max(self.min_reps, math.ceil(self.rep_ms / estimate)))
+            start = 3
+        clock([call, before], start, warmup, device)
+        return clock([call, before], start + warmup, reps, device)
 
 
 def _host_clock(fns, start: int, count: int, device) -> list[float]:

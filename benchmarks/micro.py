@@ -45,7 +45,8 @@ def measure(op: Op, mode: str, device: torch.device, timer: harness.Timer) -> di
     """Times `op` in `mode`; returns {"ms": spread, "peak_memory_mb", "rotation", "fallback"}."""
     first = op.make_inputs()
     set_bytes = sum(t.nbytes for t in first if isinstance(t, Tensor))
-    sets = [first] + [op.make_inputs() for _ in range(harness.rotation_count(set_bytes, device) - 1)]
+    limit = 64 if device.type == "cuda" else 16
+    sets = [first] + [op.make_inputs() for _ in range(harness.rotation_count(set_bytes, device, limit=limit) - 1)]
     count = len(sets)
     leaves = [t for s in sets for t in s if isinstance(t, Tensor) and t.requires_grad] + list(op.params)
 
@@ -83,12 +84,14 @@ def measure(op: Op, mode: str, device: torch.device, timer: harness.Timer) -> di
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
 
     times = timer.measure(call, device, before=before)
-    before(0)
-    with harness.PeakMemory(device) as peak:
-        call(0)
+    peak_mb = None
+    if device.type == "cuda":  # PyTorch keeps no allocation statistics on the CPU
+        before(0)
+        with harness.PeakMemory(device) as peak:
+            call(0)
+        peak_mb = peak.relative_mb
     clear()
-    return {"ms": harness.spread(times), "peak_memory_mb": peak.relative_mb, "rotation": count,
-            "fallback": fallback}
+    return {"ms": harness.spread(times), "peak_memory_mb": peak_mb, "rotation": count, "fallback": fallback}
 
 
 def _fallback_message(caught) -> Optional[str]:

@@ -32,8 +32,8 @@ SCALES = {"parallel": 4.0, "sequential": 1.0, "lora": 2.0}
 # Issue 3: N in {2k, 16k, 64k} tokens, (d, r) in {(1024, 64), (4096, 64), (4096, 512), (768, 16)}.
 FULL_TOKENS = (2048, 16384, 65536)
 FULL_DIMS = ((1024, 64), (4096, 64), (4096, 512), (768, 16))
-QUICK_TOKENS = (512,)
-QUICK_DIMS = ((256, 16), (768, 64))
+QUICK_TOKENS = (256,)
+QUICK_DIMS = ((256, 16), (512, 64))
 
 
 def cases(quick: bool) -> list[dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks import ceilings, e2e, e2e_models, harness, micro, micro_adapter, micro_prefix, report
+from benchmarks import ceilings, e2e, e2e_models, harness, micro, micro_adapter, micro_prefix, plot, report
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUBJECTS = {"adapter": micro_adapter, "prefix": micro_prefix, "e2e": e2e}
@@ -40,19 +40,24 @@ def timers(device: torch.device, quick: bool) -> dict:
         }
     return {
         "ceiling": harness.Timer(warmup_ms=5, rep_ms=50, min_reps=5, max_reps=50),
-        "micro": harness.Timer(warmup_ms=5, rep_ms=30, min_reps=5, max_reps=100),
+        "micro": harness.Timer(warmup_ms=2, rep_ms=20, min_reps=5, max_reps=100),
         "e2e": harness.Timer(warmup_ms=0, min_warmup=2, rep_ms=30, min_reps=3, max_reps=5),
     }
 
 
 def _choices(text: str | None, allowed, what: str) -> list[str]:
+    """The names of a comma-separated filter that `allowed` has, in `allowed`'s order (all of them for None)."""
     if text is None:
         return list(allowed)
-    chosen = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = [c for c in chosen if c not in allowed]
+    chosen = {c.strip() for c in text.split(",") if c.strip()}
+    return [a for a in allowed if a in chosen]
+
+
+def _check_filter(text: str | None, known, what: str) -> None:
+    """A filter may name things of any subject (--method lora,causal), but nothing unknown to all of them."""
+    unknown = sorted({c.strip() for c in (text or "").split(",") if c.strip()} - set(known))
     if unknown:
-        raise SystemExit(f"unknown {what} {', '.join(unknown)}; expected some of: {', '.join(allowed)}")
-    return chosen
+        raise SystemExit(f"unknown {what} {', '.join(unknown)}; known: {', '.join(known)}")
 
 
 def parse_args(argv):
@@ -67,9 +72,18 @@ def parse_args(argv):
     parser.add_argument("--model", help=f"comma-separated e2e models: {','.join(e2e_models.MODELS)}")
     parser.add_argument("--task", help=f"comma-separated e2e tasks: {','.join(e2e.TASKS)}")
     parser.add_argument("--out", type=Path, help="directory for the .jsonl files")
+    parser.add_argument("--reps", type=int, help="time exactly this many calls per measurement, after one warm-up "
+                        "call (smoke runs; default: as many as fit the time budget)")
+    parser.add_argument("--plot", action="store_true", help="draw the plots of this run (python -m benchmarks.plot)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    _check_filter(",".join(args.subjects), SUBJECTS, "subject")
     args.subjects = _choices(",".join(args.subjects) if args.subjects else None, SUBJECTS, "subject")
+    _check_filter(args.method, [m for s in SUBJECTS.values() for m in s.METHODS], "method")
+    _check_filter(args.provider, [p for s in SUBJECTS.values() for p in s.PROVIDERS], "provider")
+    _check_filter(args.mode, micro.MODES, "mode")
+    _check_filter(args.model, e2e_models.MODELS, "model")
+    _check_filter(args.task, e2e.TASKS, "task")
     return args
 
 
@@ -83,6 +97,9 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if use_cuda else torch.float32
     out = args.out or (RESULTS if use_cuda and not quick else RESULTS / "scratch")
     timer = timers(device, quick)
+    if args.reps:
+        timer = {k: harness.Timer(warmup_ms=0, rep_ms=0, min_reps=max(2, args.reps), max_reps=max(2, args.reps))
+                 for k in timer}
 
     run = harness.new_run(device)
     writer = harness.RecordWriter(out, run)
@@ -108,6 +125,9 @@ def main(argv=None) -> int:
             records = run_micro(SUBJECTS[subject], args, device, dtype, quick, timer["micro"], ceil, writer)
         print(report.table(records))
     print(f"records: {', '.join(str(p) for p in writer.paths.values())}")
+    if args.plot:
+        written = plot.plot(list(writer.paths.values()), out / "plots")
+        print(f"plots: {len(written)} in {out / 'plots' / run['run_id']}")
     print(f"took {time.perf_counter() - started:.0f} s")
     if not use_cuda:
         print(CPU_NOTE)
@@ -155,7 +175,7 @@ def run_micro(module, args, device, dtype, quick, timer, ceil, writer) -> list[d
                     case_records.append(record)
                     bar.update()
                 del op
-                e2e._free(device)
+                e2e.free_memory(device)
             harness.add_ratios(case_records, ("subject", "case", "method", "mode"))
             records.extend(writer.write(r) for r in case_records)
     return records
