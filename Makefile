@@ -20,7 +20,7 @@ BUILD_CUDA := $(if $(CUDA_HOME),1,0)
 TRANSFORMERS_TESTS ?= tests/models
 PYTEST_ARGS ?=
 
-.PHONY: test build venv overlay bench info clean
+.PHONY: test build venv overlay bench bench-gpu bench-wheels info clean
 
 $(VENV)/.installed: requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,8 +54,21 @@ test: build overlay
 		PYTHONPATH=$(OVERLAY_TF5) $(PY) -m pytest -q $(PYTEST_ARGS) $(TRANSFORMERS_TESTS); \
 	fi
 
+# The benchmark suite (`python -m benchmarks --help`): tables on stdout, JSON lines and plots of the run. Without a GPU
+# it runs tiny sizes on the CPU (fastpeft's reference path, not its kernels) into benchmarks/results/scratch/.
+BENCH_ARGS ?=
 bench: build
-	$(PY) -m benchmarks.demo
+	$(PY) -m benchmarks --plot $(BENCH_ARGS)
+
+# The full suite on a GPU machine, building the extension first (benchmarks/gpu_run.sh; stages in BENCH_STAGES).
+BENCH_STAGES ?=
+bench-gpu:
+	PYTHON=$(PYTHON) benchmarks/gpu_run.sh $(BENCH_STAGES)
+
+# Wheels that bring AdapterHub `adapters` (and the transformers 4.57 it pins) to the GPU machine: carry .whl there.
+bench-wheels: $(VENV)/.installed
+	$(PIP) download --quiet --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl -r benchmarks/gpu-wheels.txt
 
 info: build
 	$(PY) -m fastpeft.info

@@ -32,7 +32,7 @@ FULL_WORKLOADS = {
     # XSum-style summarization: long source, short target; greedy generation of a summary.
     "bart-large": Workload(batch=8, seq=512, target=128, gen_batch=8, gen_prompt=512, gen_new=64),
     # Causal LM fine-tuning; single-stream decoding latency.
-    "llama-1b": Workload(batch=4, seq=1024, gen_batch=1, gen_prompt=128, gen_new=128),
+    "llama-1b": Workload(batch=4, seq=1024, gen_batch=1, gen_prompt=128, gen_new=64),
 }
 
 QUICK_WORKLOADS = {

@@ -2,8 +2,9 @@
 
 Timing rules (`../shared/GPU.md`):
 - GPU: one pair of CUDA events around every call, all recorded back to back and read after one synchronisation
-  (the method of `triton.testing.do_bench`); a short calibration run, then warm-up, then the timed calls.
-- CPU: `time.perf_counter` around every call (the same calibration and warm-up).
+  (the method of `triton.testing.do_bench`); warm-up calls (at least `min_warmup`, more to fill `warmup_ms`),
+  whose times size the number of timed calls to `rep_ms`, then the timed calls.
+- CPU: `time.perf_counter` around every call (the same warm-up).
 - Inputs rotate over enough copies that the copies together exceed the last-level cache several times over, so a
   small problem is never timed out of cache (`rotation_count`).
 - Reported: the median (p50) and the spread (p20, p80) in milliseconds, and the number of timed calls.
@@ -46,15 +47,14 @@ class Timer:
         """
         before = before or (lambda i: None)
         clock = _cuda_clock if device.type == "cuda" else _host_clock
-        start = 0
-        warmup, reps = self.min_warmup, self.min_reps
-        if self.warmup_ms > 0 or self.rep_ms > 0:  # calibrate: how many calls fill the time budgets
-            estimate = max(statistics.median(clock([call, before], 0, 3, device)), 1e-4)
-            warmup = max(self.min_warmup, math.ceil(self.warmup_ms / estimate))
-            reps = min(self.max_reps, max(self.min_reps, math.ceil(self.rep_ms / estimate)))
-            start = 3
-        clock([call, before], start, warmup, device)
-        return clock([call, before], start + warmup, reps, device)
+        fns = [call, before]
+        # The warm-up calls are timed too: their median (of the last three) sizes the rest to the budgets.
+        warm = clock(fns, 0, self.min_warmup, device)
+        estimate = max(statistics.median(warm[-3:]), 1e-4)
+        extra = max(0, math.ceil(self.warmup_ms / estimate) - self.min_warmup)
+        clock(fns, self.min_warmup, extra, device)
+        reps = min(self.max_reps, max(self.min_reps, math.ceil(self.rep_ms / estimate)))
+        return clock(fns, self.min_warmup + extra, reps, device)
 
 
 def _host_clock(fns, start: int, count: int, device) -> list[float]:

@@ -33,15 +33,14 @@ def timers(device: torch.device, quick: bool) -> dict:
     """How long each kind of measurement warms up and runs."""
     if device.type == "cuda":
         return {
-            "ceiling": harness.Timer(warmup_ms=50, rep_ms=300, min_reps=10),
-            "micro": harness.Timer(warmup_ms=25, rep_ms=100, min_reps=10, max_reps=1000),
-            "e2e": harness.Timer(warmup_ms=0, min_warmup=3, rep_ms=1000 if not quick else 100, min_reps=5,
-                                 max_reps=30),
+            "ceiling": harness.Timer(warmup_ms=50, rep_ms=300, min_reps=10, min_warmup=3),
+            "micro": harness.Timer(warmup_ms=25, rep_ms=100, min_reps=10, max_reps=1000, min_warmup=3),
+            "e2e": harness.Timer(warmup_ms=0, rep_ms=100 if quick else 1000, min_reps=5, max_reps=30, min_warmup=2),
         }
     return {
-        "ceiling": harness.Timer(warmup_ms=5, rep_ms=50, min_reps=5, max_reps=50),
-        "micro": harness.Timer(warmup_ms=2, rep_ms=20, min_reps=5, max_reps=100),
-        "e2e": harness.Timer(warmup_ms=0, min_warmup=2, rep_ms=30, min_reps=3, max_reps=5),
+        "ceiling": harness.Timer(warmup_ms=5, rep_ms=50, min_reps=5, max_reps=50, min_warmup=2),
+        "micro": harness.Timer(warmup_ms=2, rep_ms=20, min_reps=5, max_reps=100, min_warmup=2),
+        "e2e": harness.Timer(warmup_ms=0, rep_ms=30, min_reps=3, max_reps=5, min_warmup=2),
     }
 
 
@@ -98,8 +97,8 @@ def main(argv=None) -> int:
     out = args.out or (RESULTS if use_cuda and not quick else RESULTS / "scratch")
     timer = timers(device, quick)
     if args.reps:
-        timer = {k: harness.Timer(warmup_ms=0, rep_ms=0, min_reps=max(2, args.reps), max_reps=max(2, args.reps))
-                 for k in timer}
+        reps = max(2, args.reps)
+        timer = {k: harness.Timer(warmup_ms=0, rep_ms=0, min_reps=reps, max_reps=reps) for k in timer}
 
     run = harness.new_run(device)
     writer = harness.RecordWriter(out, run)
