@@ -10,6 +10,7 @@
 #   adapter       micro benchmark of fastpeft.adapter (issue 3's grid)
 #   prefix        micro benchmark of fastpeft.prefix_attention (issue 4's grid)
 #   e2e           RoBERTa-base, BART-large, Llama-1B: fastpeft, fastpeft's reference path, peft, full fine-tuning
+#                 (`e2e:MODEL`, e.g. `e2e:llama-1b`: one model; models roberta-base, bart-large, llama-1b)
 #   e2e-adapters  the same models with AdapterHub `adapters` and fastpeft again (same run, so the ratios hold);
 #                 needs the wheels of `make bench-wheels` carried in .whl/ (transformers 4.57.6 shadows 5.x in
 #                 /tmp/site-tf4 for this stage only); skipped with a message without them
@@ -17,9 +18,11 @@
 #   summary       the headline numbers against the kernel issues' targets
 #
 # Results: $BENCH_RESULTS, else $OUT (the device tool's folder), else benchmarks/results/. Logs in <results>/logs/.
-# A stage takes minutes (the e2e stages the longest); with a per-call time limit run a few stages per call, e.g.
-#   benchmarks/gpu_run.sh build adapter     benchmarks/gpu_run.sh prefix     benchmarks/gpu_run.sh e2e
-#   benchmarks/gpu_run.sh e2e-adapters plots summary
+#                 (`e2e-adapters:MODEL`: one model)
+# A stage takes minutes (never measured yet: no GPU so far; e2e is likely the longest, over 10 minutes for the three
+# models). With a per-call time limit run a few stages per call, e.g.
+#   gpu_run.sh build adapter | gpu_run.sh prefix | gpu_run.sh e2e:roberta-base e2e:bart-large | gpu_run.sh e2e:llama-1b
+#   gpu_run.sh e2e-adapters plots summary
 # Extra arguments for every `python -m benchmarks` call: $BENCH_ARGS (e.g. BENCH_ARGS="--model llama-1b").
 # The copy of the tree on the GPU machine may have no .git: pass FASTPEFT_GIT_COMMIT=<commit> to tag the records.
 # Dry run without a GPU (tests this script; CPU numbers): BENCH_ALLOW_REFERENCE=1 BENCH_ARGS="--quick --reps 2".
@@ -67,7 +70,7 @@ e2e_adapters() {
     fi
     rm -rf /tmp/site-tf4
     $PYTHON -m pip install --quiet --no-index --no-deps --target /tmp/site-tf4 .whl/*.whl
-    PYTHONPATH=/tmp/site-tf4${PYTHONPATH:+:$PYTHONPATH} bench e2e-adapters e2e --provider adapters,fastpeft
+    PYTHONPATH=/tmp/site-tf4${PYTHONPATH:+:$PYTHONPATH} bench e2e-adapters e2e --provider adapters,fastpeft "$@"
 }
 
 stages=("$@")
@@ -79,9 +82,12 @@ for stage in "${stages[@]}"; do
         build) build ;;
         adapter | prefix) ensure_kernels && bench "$stage" "$stage" ;;
         e2e) ensure_kernels && bench e2e e2e --provider fastpeft,fastpeft_ref,peft,full ;;
+        e2e:*) ensure_kernels && bench "e2e-${stage#e2e:}" e2e --model "${stage#e2e:}" --provider fastpeft,fastpeft_ref,peft,full ;;
         e2e-adapters) ensure_kernels && e2e_adapters ;;
+        e2e-adapters:*) ensure_kernels && e2e_adapters --model "${stage#e2e-adapters:}" ;;
         plots) log "plots"; $PYTHON -m benchmarks.plot "$RESULTS" --out "$RESULTS/plots" ;;
         summary) log "summary"; $PYTHON -m benchmarks.summary "$RESULTS" | tee "$RESULTS/logs/summary.txt" ;;
-        *) echo "unknown stage $stage; stages: build adapter prefix e2e e2e-adapters plots summary (or all)" >&2; exit 2 ;;
+        *) echo "unknown stage $stage; stages: build adapter prefix e2e[:MODEL] e2e-adapters[:MODEL] plots summary (or all)" >&2
+           exit 2 ;;
     esac
 done

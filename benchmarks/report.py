@@ -47,7 +47,8 @@ def table(records: list[dict]) -> str:
         blocks[title][row][r["provider"]] = r
         if r["provider"] not in order[title]:
             order[title].append(r["provider"])
-    lines = []
+    lines = ["cells: median ms; 'Nx': that provider's time / fastpeft's in this run (above 1: fastpeft is faster); "
+             "'(bw)': fastpeft's fraction of the measured copy bandwidth", ""]
     for title, rows in blocks.items():
         lines.extend(_block(title, rows, order[title]))
         lines.append("")

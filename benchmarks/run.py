@@ -35,7 +35,7 @@ def timers(device: torch.device, quick: bool) -> dict:
         return {
             "ceiling": harness.Timer(warmup_ms=50, rep_ms=300, min_reps=10, min_warmup=3),
             "micro": harness.Timer(warmup_ms=25, rep_ms=100, min_reps=10, max_reps=1000, min_warmup=3),
-            "e2e": harness.Timer(warmup_ms=0, rep_ms=100 if quick else 1000, min_reps=5, max_reps=30, min_warmup=2),
+            "e2e": harness.Timer(warmup_ms=0, rep_ms=100 if quick else 500, min_reps=5, max_reps=30, min_warmup=2),
         }
     return {
         "ceiling": harness.Timer(warmup_ms=5, rep_ms=50, min_reps=5, max_reps=50, min_warmup=2),
