@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ import tempfile
 import time
 import zipfile
 from email.parser import Parser
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Libraries a fastpeft wheel must never carry: torch's own, the CUDA runtime torch loads, the driver's.
@@ -141,14 +142,17 @@ def git_commit() -> str:
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
-def run(command: List[str], env: dict) -> float:
-    """Run a command (its output goes to ours), fail loudly on error; returns the seconds it took."""
+def run(command: List[str], env: dict) -> Tuple[float, float]:
+    """Run a command (its output goes to ours), fail loudly on error; returns (wall seconds, CPU seconds of it and
+    every process under it). CPU time hardly depends on what else the machine runs; wall time does."""
     print("+ " + " ".join(command), flush=True)
-    start = time.perf_counter()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(command, env=env, cwd=ROOT)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise SystemExit(f"wheel.py: {' '.join(command)} failed with exit code {result.returncode}")
-    return time.perf_counter() - start
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.perf_counter() - start, cpu
 
 
 def only_file(pattern: str) -> str:
@@ -174,12 +178,14 @@ def build(outdir: str, sdist_dir: str, record: Optional[str]) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="fastpeft-wheel-") as tmp:
         raw_dir = os.path.join(tmp, "raw")
-        build_seconds = run([sys.executable, "-m", "build", "--no-isolation", "--outdir", raw_dir], env)
+        build_seconds, build_cpu_seconds = run(
+            [sys.executable, "-m", "build", "--no-isolation", "--outdir", raw_dir], env
+        )
         raw_wheel = only_file(os.path.join(raw_dir, "fastpeft-*.whl"))
         sdist = only_file(os.path.join(raw_dir, "fastpeft-*.tar.gz"))
         repaired_dir = os.path.join(tmp, "repaired")
         exclude = [arg for pattern in EXCLUDED_LIBRARIES for arg in ("--exclude", pattern)]
-        repair_seconds = run(
+        repair_seconds, _ = run(
             [sys.executable, "-m", "auditwheel", "repair", *exclude, "-w", repaired_dir, raw_wheel], env
         )
         repaired = only_file(os.path.join(repaired_dir, "fastpeft-*.whl"))
@@ -221,6 +227,7 @@ def build(outdir: str, sdist_dir: str, record: Optional[str]) -> dict:
         "embedded": {target: sorted(files) for target, files in sorted(found.items())},
         "vendored_libraries": vendored_libraries(wheel),
         "build_seconds": round(build_seconds, 1),
+        "build_cpu_seconds": round(build_cpu_seconds, 1),
         "repair_seconds": round(repair_seconds, 1),
         "wheel_bytes": os.path.getsize(wheel),
         "raw_wheel_bytes": raw_size,
@@ -250,8 +257,9 @@ def summary(r: dict) -> str:
     return "\n".join(
         [
             f"fastpeft wheel: {r['wheel']}",
-            f"  built in {r['build_seconds']} s (sdist + compile + link; MAX_JOBS={r['max_jobs']}, {r['cpus']} CPUs, "
-            f"load average {r['load_average_before']} before), repaired in {r['repair_seconds']} s",
+            f"  built in {r['build_seconds']} s wall, {r['build_cpu_seconds']} s CPU (sdist + compile + link; "
+            f"MAX_JOBS={r['max_jobs']}, {r['cpus']} CPUs, load average {r['load_average_before']} before); "
+            f"repaired in {r['repair_seconds']} s",
             f"  TORCH_CUDA_ARCH_LIST={r['arch_list']!r}; embedded: {', '.join(r['embedded'])}",
             f"  size: wheel {r['wheel_bytes'] / mib:.2f} MiB (before repair {r['raw_wheel_bytes'] / mib:.2f} MiB), "
             f"extension {r['extension_bytes'] / mib:.2f} MiB unpacked, sdist {r['sdist_bytes'] / 1024:.0f} KiB",
