@@ -189,7 +189,8 @@ def build(outdir: str, sdist_dir: str, record: Optional[str]) -> dict:
             [sys.executable, "-m", "auditwheel", "repair", *exclude, "-w", repaired_dir, raw_wheel], env
         )
         repaired = only_file(os.path.join(repaired_dir, "fastpeft-*.whl"))
-        for old in glob.glob(os.path.join(outdir, "fastpeft-*.whl")) + glob.glob(os.path.join(sdist_dir, "fastpeft-*")):
+        previous = glob.glob(os.path.join(outdir, "fastpeft-*.whl*")) + glob.glob(os.path.join(sdist_dir, "fastpeft-*"))
+        for old in previous:  # earlier wheels, their records and sdists: one build's outputs at a time
             os.remove(old)
         wheel = shutil.move(repaired, os.path.join(outdir, os.path.basename(repaired)))
         sdist = shutil.move(sdist, os.path.join(sdist_dir, os.path.basename(sdist)))
