@@ -1,0 +1,103 @@
+"""Every (architecture, method): the patched model against an independent float64 computation, identity
+initialisation, and `remove`."""
+
+import pytest
+import torch
+
+import fastpeft
+from model_helpers import (
+    ARCHS,
+    METHODS,
+    assert_close64,
+    build,
+    has_prefix,
+    identity_init,
+    inputs,
+    method_config,
+    output,
+    randomize_method_parameters,
+    reference_model,
+    task_labels,
+)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_explicit_float64_computation(arch, method):
+    config = method_config(method)
+    model = build(arch).double()
+    data = inputs(arch)
+    with torch.no_grad():
+        unpatched = output(model, data)
+    fastpeft.apply(model, config)
+    randomize_method_parameters(model)
+    with torch.no_grad():
+        actual = output(model, data)
+        expected = output(reference_model(arch, lambda: build(arch), model, config), data)
+    assert_close64(actual, expected)
+    # The method does change the output (otherwise the comparison above would prove nothing).
+    assert (actual - unpatched).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if not has_prefix(method_config(m))])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_init_leaves_the_model_unchanged(arch, method):
+    # Prefixes have no identity initialisation: the prefix always takes part of the attention.
+    model = build(arch)
+    data = inputs(arch)
+    with torch.no_grad():
+        before = output(model, data)
+        fastpeft.apply(model, identity_init(method_config(method)))
+        after = output(model, data)
+    assert torch.equal(after, before)
+
+
+def _snapshot(model):
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modules": [(n, type(m)) for n, m in model.named_modules()],
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": {
+            n: (len(m._forward_hooks), len(m._forward_pre_hooks))
+            for n, m in model.named_modules()
+        },
+        "configs": {n: id(m.config) for n, m in model.named_modules() if hasattr(m, "config")},
+        "attributes": {n: sorted(vars(m)) for n, m in model.named_modules()},
+    }
+
+
+def assert_same_model(model, snapshot):
+    now = _snapshot(model)
+    assert now["modules"] == snapshot["modules"]
+    assert now["requires_grad"] == snapshot["requires_grad"]
+    assert now["hooks"] == snapshot["hooks"]
+    assert now["configs"] == snapshot["configs"]
+    assert now["attributes"] == snapshot["attributes"]
+    assert now["state"].keys() == snapshot["state"].keys()
+    for key, value in snapshot["state"].items():
+        assert torch.equal(now["state"][key], value), key
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_remove_restores_the_model_bit_for_bit(arch, method):
+    model = build(arch, "task")
+    data = inputs(arch)
+    with torch.no_grad():
+        before = output(model, data)
+    snapshot = _snapshot(model)
+    fastpeft.apply(model, method_config(method))
+    randomize_method_parameters(model)
+    # A training step, so that anything a step could touch has been touched.
+    model.train()
+    loss = model(**data, **task_labels(arch, data)).loss
+    loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    fastpeft.remove(model)
+    assert not fastpeft.is_patched(model)
+    assert_same_model(model, snapshot)
+    with torch.no_grad():
+        assert torch.equal(output(model, data), before)
