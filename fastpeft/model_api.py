@@ -9,7 +9,7 @@ from torch import nn
 
 from fastpeft.config import PrefixConfig, as_unified
 from fastpeft.modules.lora import LoRALinear
-from fastpeft.patching import PREFIX_ATTR, build_plan, execute, get_state, undo
+from fastpeft.patching import PREFIX_ATTR, build_plan, execute, get_state, host_copy, undo
 
 
 def apply(model: nn.Module, config="mam") -> nn.Module:
@@ -81,7 +81,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for path, wrapper in wrappers:
         base = wrapper.base_layer
         merged = wrapper.merged_weight()
-        state.merged[path] = base.weight.detach().to("cpu", copy=True)
+        state.merged[path] = host_copy(base.weight)
         with torch.no_grad():
             base.weight.copy_(merged)
         parent, _, name = path.rpartition(".")

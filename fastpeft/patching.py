@@ -304,6 +304,8 @@ class PatchState:
     embedding_paths: list = field(default_factory=list)
     prefix_module: bool = False
     trained: list = field(default_factory=list)  # names of the parameters the method trains
+    # Original values (CPU copies) of the model's own parameters the method trains (task head, norms).
+    trained_originals: dict = field(default_factory=dict)
     merged: dict = field(default_factory=dict)  # LoRA path -> original weight (CPU), after merge_lora
 
     @property
@@ -331,6 +333,11 @@ class RequireInputGrad:
         ):
             return output.requires_grad_(True)
         return None
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` kept off the accelerator (meta tensors have no data: they stay on meta)."""
+    return t.detach().clone() if t.device.type == "meta" else t.detach().to("cpu", copy=True)
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -386,6 +393,10 @@ def _execute(model: nn.Module, plan: Plan, state: PatchState) -> None:
 
     _freeze(model, plan.config, method_params)
     state.trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    inserted = {id(p) for p in method_params}
+    state.trained_originals = {
+        name: host_copy(p) for name, p in model.named_parameters() if p.requires_grad and id(p) not in inserted
+    }
 
 
 def _execute_prefix(model: nn.Module, plan: Plan, state: PatchState, probe: list) -> None:
@@ -482,9 +493,13 @@ def undo(model: nn.Module, state: PatchState) -> None:
         if original is not None:
             with torch.no_grad():
                 module.weight.copy_(original.to(device=module.weight.device, dtype=module.weight.dtype))
-    for name, p in model.named_parameters():
-        if name in state.requires_grad:
-            p.requires_grad_(state.requires_grad[name])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            original = state.trained_originals.get(name)
+            if original is not None:
+                p.copy_(original.to(device=p.device, dtype=p.dtype))
+            if name in state.requires_grad:
+                p.requires_grad_(state.requires_grad[name])
     if getattr(model, STATE_ATTR, None) is state:
         delattr(model, STATE_ATTR)
 

@@ -11,9 +11,17 @@ from torch import Tensor
 def like(t: Optional[Tensor], ref: Tensor) -> Optional[Tensor]:
     """`t` in the dtype of the activation `ref`, so that trained weights may stay in float32 under a bfloat16 base
     model. Under autocast the ops cast their inputs themselves, as `nn.Linear` does."""
-    if t is None or t.dtype == ref.dtype or torch.is_autocast_enabled(ref.device.type):
+    if t is None or t.dtype == ref.dtype or autocast_enabled(ref.device):
         return t
     return t.to(ref.dtype)
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    # torch raises for device types autocast does not know (meta).
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
 
 
 def remove_hooks(module: torch.nn.Module, hook_type: type) -> None:

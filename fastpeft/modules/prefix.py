@@ -150,7 +150,10 @@ class PrefixEncoder(nn.Module):
         if self.flat:
             return
         requires_grad = self.embedding.requires_grad
-        prefix = self.compute().detach().clone()
+        if self.embedding.device.type == "meta":  # no values to compute (parameter counting)
+            prefix = self.embedding.new_empty(self.rows, self.length, self.head_dim)
+        else:
+            prefix = self.compute().detach().clone()
         del self.embedding, self.down, self.up
         self.prefix = nn.Parameter(prefix, requires_grad=requires_grad)
         self.current = None

@@ -470,3 +470,29 @@ def _adapter_hooks(model, layer, out_rel, x_spec, params, method):
 def assert_close64(actual, expected, what="output"):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-9, atol=1e-10, msg=lambda m: f"{what}: {m}")
 
+
+def snapshot_model(model):
+    """Everything `remove` must restore: modules, weights, flags, hooks, configs, attributes."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modules": [(n, type(m)) for n, m in model.named_modules()],
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "hooks": {
+            n: (len(m._forward_hooks), len(m._forward_pre_hooks))
+            for n, m in model.named_modules()
+        },
+        "configs": {n: id(m.config) for n, m in model.named_modules() if hasattr(m, "config")},
+        "attributes": {n: sorted(vars(m)) for n, m in model.named_modules()},
+    }
+
+
+def assert_same_model(model, snapshot):
+    now = snapshot_model(model)
+    assert now["modules"] == snapshot["modules"]
+    assert now["requires_grad"] == snapshot["requires_grad"]
+    assert now["hooks"] == snapshot["hooks"]
+    assert now["configs"] == snapshot["configs"]
+    assert now["attributes"] == snapshot["attributes"]
+    assert now["state"].keys() == snapshot["state"].keys()
+    for key, value in snapshot["state"].items():
+        assert torch.equal(now["state"][key], value), key

@@ -17,6 +17,8 @@ from model_helpers import (
     output,
     randomize_method_parameters,
     reference_model,
+    snapshot_model,
+    assert_same_model,
     task_labels,
 )
 
@@ -52,32 +54,6 @@ def test_identity_init_leaves_the_model_unchanged(arch, method):
     assert torch.equal(after, before)
 
 
-def _snapshot(model):
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "modules": [(n, type(m)) for n, m in model.named_modules()],
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "hooks": {
-            n: (len(m._forward_hooks), len(m._forward_pre_hooks))
-            for n, m in model.named_modules()
-        },
-        "configs": {n: id(m.config) for n, m in model.named_modules() if hasattr(m, "config")},
-        "attributes": {n: sorted(vars(m)) for n, m in model.named_modules()},
-    }
-
-
-def assert_same_model(model, snapshot):
-    now = _snapshot(model)
-    assert now["modules"] == snapshot["modules"]
-    assert now["requires_grad"] == snapshot["requires_grad"]
-    assert now["hooks"] == snapshot["hooks"]
-    assert now["configs"] == snapshot["configs"]
-    assert now["attributes"] == snapshot["attributes"]
-    assert now["state"].keys() == snapshot["state"].keys()
-    for key, value in snapshot["state"].items():
-        assert torch.equal(now["state"][key], value), key
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_remove_restores_the_model_bit_for_bit(arch, method):
@@ -85,7 +61,7 @@ def test_remove_restores_the_model_bit_for_bit(arch, method):
     data = inputs(arch)
     with torch.no_grad():
         before = output(model, data)
-    snapshot = _snapshot(model)
+    snapshot = snapshot_model(model)
     fastpeft.apply(model, method_config(method))
     randomize_method_parameters(model)
     # A training step, so that anything a step could touch has been touched.
