@@ -15,9 +15,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastpeft.architectures import Arch, Proj, find_arch
+from fastpeft.architectures import Arch, find_arch
 from fastpeft.config import AdapterConfig, LoRAConfig, PrefixConfig, UnifiedConfig
-from fastpeft.modules._common import has_hook, remove_hooks
+from fastpeft.modules._common import remove_hooks
 from fastpeft.modules.adapter import AdapterLayer, BottleneckAdapter, CaptureInput
 from fastpeft.modules.lora import LoRALinear, linear_features
 from fastpeft.modules.prefix import (
@@ -510,5 +510,3 @@ def get_state(model: nn.Module, op: str) -> PatchState:
         raise ValueError(f"fastpeft.{op}: the model is not patched by fastpeft (call fastpeft.apply first)")
     return state
 
-
-__all__ = ["build_plan", "execute", "undo", "get_state", "PatchState", "has_hook"]

@@ -42,8 +42,3 @@ def remove_hooks(module: torch.nn.Module, hook_type: type) -> None:
                 for extra in extras:
                     extra.pop(key, None)
 
-
-def has_hook(module: torch.nn.Module, hook_type: type) -> bool:
-    return any(
-        isinstance(hook, hook_type) for store in (module._forward_pre_hooks, module._forward_hooks) for hook in store.values()
-    )

@@ -363,3 +363,18 @@ def test_deepcopy_of_a_patched_model_is_independent():
         fastpeft.remove(twin)
         assert torch.equal(output(twin, data), original)
         assert torch.equal(output(model, data), patched)
+
+
+def test_layers_and_cross_attention_select_sites():
+    model = build("bart")
+    # Layer indices count encoder layers first: 0, 1 encoder; 2, 3 decoder.
+    fastpeft.apply(model, fastpeft.PrefixConfig(length=2, reparam_dim=None, layers=(0, 3), cross_attention=False))
+    state = model._fastpeft
+    assert state.site_names == ["encoder.layers.0.self_attn", "decoder.layers.1.self_attn"]
+    assert model.fastpeft_prefix.prefix.shape == (2 * 2 * 4, 2, 8)
+    fastpeft.remove(model)
+    fastpeft.apply(model, fastpeft.LoRAConfig(r=2, targets=("q",), layers=(1, 2)))
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, fastpeft.modules.LoRALinear))
+    assert wrapped == [
+        "decoder.layers.0.encoder_attn.q_proj", "decoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.q_proj"
+    ]

@@ -77,3 +77,19 @@ def test_remove_restores_the_model_bit_for_bit(arch, method):
     assert_same_model(model, snapshot)
     with torch.no_grad():
         assert torch.equal(output(model, data), before)
+
+
+@pytest.mark.parametrize("method", ["mam", "prefix_flat"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_with_eager_attention_masks(arch, method):
+    # Eager models build additive float masks (sdpa ones: boolean or none); both reach the prefix attention.
+    config = method_config(method)
+    factory = lambda: build(arch, attn_implementation="eager")  # noqa: E731
+    model = factory().double()
+    fastpeft.apply(model, config)
+    randomize_method_parameters(model)
+    data = inputs(arch)
+    with torch.no_grad():
+        actual = output(model, data)
+        expected = output(reference_model(arch, factory, model, config), data)
+    assert_close64(actual, expected)
