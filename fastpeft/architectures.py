@@ -34,6 +34,9 @@ class AdapterSite:
     out: str  # module whose output the adapter changes (the sublayer's output projection)
     x_from: str  # module whose input is the sublayer's input (parallel insertion)
     x_arg: tuple  # (argument name, position) of that input
+    # Post-LN models: the LayerNorm the block applies to (sublayer output + residual), the residual being the
+    # sublayer input above. None in pre-LN models.
+    post_norm: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,15 @@ _BERT_STACK = Stack(
     ffn_in=(Proj("intermediate.dense"),),
     ffn_out=(Proj("output.dense"),),
     # BertSelfOutput / BertOutput receive (sublayer output, sublayer input) and apply dropout-residual-LayerNorm.
-    attn_adapter=AdapterSite(out="attention.output.dense", x_from="attention.output", x_arg=("input_tensor", 1)),
-    ffn_adapter=AdapterSite(out="output.dense", x_from="output", x_arg=("input_tensor", 1)),
+    attn_adapter=AdapterSite(
+        out="attention.output.dense",
+        x_from="attention.output",
+        x_arg=("input_tensor", 1),
+        post_norm="attention.output.LayerNorm",
+    ),
+    ffn_adapter=AdapterSite(
+        out="output.dense", x_from="output", x_arg=("input_tensor", 1), post_norm="output.LayerNorm"
+    ),
     heads="num_attention_heads",
 )
 
@@ -142,7 +152,10 @@ LLAMA = Arch(
 )
 
 
-def _bart_stack(name: str, heads: str, cross: bool) -> Stack:
+def _bart_stack(name: str, heads: str, cross: bool, post_ln: bool) -> Stack:
+    # BART normalises after each sublayer (post-LN), mBART before (pre-LN).
+    attn_norm = "self_attn_layer_norm" if post_ln else None
+    ffn_norm = "final_layer_norm" if post_ln else None
     return Stack(
         name=name,
         layers=f"{name}.layers",
@@ -160,23 +173,30 @@ def _bart_stack(name: str, heads: str, cross: bool) -> Stack:
         ),
         ffn_in=(Proj("fc1"),),
         ffn_out=(Proj("fc2"),),
-        attn_adapter=AdapterSite(out="self_attn.out_proj", x_from="self_attn", x_arg=("hidden_states", 0)),
-        ffn_adapter=AdapterSite(out="fc2", x_from="fc1", x_arg=("input", 0)),
+        attn_adapter=AdapterSite(
+            out="self_attn.out_proj", x_from="self_attn", x_arg=("hidden_states", 0), post_norm=attn_norm
+        ),
+        ffn_adapter=AdapterSite(out="fc2", x_from="fc1", x_arg=("input", 0), post_norm=ffn_norm),
         heads=heads,
     )
 
 
-BART = Arch(
-    "bart",
-    ("bart", "mbart"),
-    (
-        _bart_stack("encoder", "encoder_attention_heads", cross=False),
-        _bart_stack("decoder", "decoder_attention_heads", cross=True),
-    ),
-    embeddings=("encoder.embed_tokens", "decoder.embed_tokens"),
-)
+def _bart(name: str, model_types: tuple, post_ln: bool) -> Arch:
+    return Arch(
+        name,
+        model_types,
+        (
+            _bart_stack("encoder", "encoder_attention_heads", cross=False, post_ln=post_ln),
+            _bart_stack("decoder", "decoder_attention_heads", cross=True, post_ln=post_ln),
+        ),
+        embeddings=("encoder.embed_tokens", "decoder.embed_tokens"),
+    )
 
-ARCHITECTURES = (BERT, ROBERTA, GPT2, LLAMA, BART)
+
+BART = _bart("bart", ("bart",), post_ln=True)
+MBART = _bart("mbart", ("mbart",), post_ln=False)
+
+ARCHITECTURES = (BERT, ROBERTA, GPT2, LLAMA, BART, MBART)
 SUPPORTED_MODEL_TYPES = tuple(t for arch in ARCHITECTURES for t in arch.model_types)
 
 

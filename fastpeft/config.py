@@ -67,6 +67,9 @@ class AdapterConfig:
             "houlsby" (both N(0, 0.01) truncated at 2 std); biases start at zero.
         dropout: dropout on the adapter's input while training.
         layers: layer indices to adapt (encoder layers first, then decoder layers); None for all.
+        original_ln_before: sequential insertion in post-LN models (BERT, RoBERTa, BART) only: the adapter reads
+            LayerNorm(h + residual) through the block's own LayerNorm instead of h, and still adds onto h
+            (AdapterHub's `seq_bn` / Pfeiffer default; the block then applies its LayerNorm as usual).
     """
 
     r: int
@@ -77,6 +80,7 @@ class AdapterConfig:
     init: str = "lora"
     dropout: float = 0.0
     layers: Optional[tuple] = None
+    original_ln_before: bool = False
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -92,6 +96,10 @@ class AdapterConfig:
         if self.init not in ADAPTER_INITS:
             _fail(cls, "init", f"one of {ADAPTER_INITS}", self.init)
         _check_dropout(cls, self.dropout)
+        if not isinstance(self.original_ln_before, bool):
+            _fail(cls, "original_ln_before", "a bool", self.original_ln_before)
+        if self.original_ln_before and self.insertion != "sequential":
+            _fail(cls, "original_ln_before", "False with parallel insertion (it is a sequential option)", True)
         if isinstance(self.scale, int):
             object.__setattr__(self, "scale", float(self.scale))
         object.__setattr__(self, "layers", _layers_tuple(cls, self.layers))

@@ -53,10 +53,11 @@ class LoRAPlan:
 @dataclass
 class AdapterPlan:
     path: str  # the output projection
-    x_from: Optional[str]  # the module receiving the sublayer input (parallel only)
+    x_from: Optional[str]  # the module receiving the sublayer input (parallel, or original_ln_before)
     x_arg: tuple
     features: int
     config: AdapterConfig
+    post_norm: Optional[str] = None  # the block's LayerNorm (original_ln_before)
 
 
 @dataclass
@@ -222,11 +223,19 @@ def _plan_adapter(model, plan: Plan, stacks, site: str, method: AdapterConfig) -
                 raise ValueError(
                     f"fastpeft.apply: {path!r} has {features[1]} outputs, expected the hidden size {plan.hidden_size}"
                 )
-            x_from = None
-            if method.insertion == "parallel":
+            x_from = post_norm = None
+            if method.original_ln_before:
+                if spec.post_norm is None:
+                    raise ValueError(
+                        f"fastpeft.apply: AdapterConfig.original_ln_before needs a post-LN architecture (bert, "
+                        f"roberta, bart); {plan.arch.name} normalises before its sublayers"
+                    )
+                post_norm = _join(layer, spec.post_norm)
+                _module(model, post_norm, f"the LayerNorm after the {site} sublayer")
+            if method.insertion == "parallel" or method.original_ln_before:
                 x_from = _join(layer, spec.x_from)
                 _module(model, x_from, f"the {site} sublayer")
-            plan.adapters.append(AdapterPlan(path, x_from, spec.x_arg, plan.hidden_size, method))
+            plan.adapters.append(AdapterPlan(path, x_from, spec.x_arg, plan.hidden_size, method, post_norm))
 
 
 def _plan_prefix(model, plan: Plan, stacks, method: PrefixConfig) -> None:
@@ -373,7 +382,8 @@ def _execute(model: nn.Module, plan: Plan, state: PatchState) -> None:
         weight = next(base.parameters(), None)
         factory = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
         adapter = BottleneckAdapter(item.features, item.features, item.config, **factory)
-        wrapper = AdapterLayer(base, adapter, sequential=item.config.insertion == "sequential")
+        norm = model.get_submodule(item.post_norm) if item.post_norm else None
+        wrapper = AdapterLayer(base, adapter, sequential=item.config.insertion == "sequential", post_norm=norm)
         _set_module(model, item.path, wrapper)
         state.adapter_paths.append(item.path)
         if item.x_from is not None:

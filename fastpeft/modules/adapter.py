@@ -80,30 +80,39 @@ class BottleneckAdapter(nn.Module):
 
 
 class AdapterLayer(nn.Module):
-    """Wraps a sublayer's output projection `base_layer` and adds the adapter to its output."""
+    """Wraps a sublayer's output projection `base_layer` and adds the adapter to its output.
 
-    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter, sequential: bool):
+    With `post_norm` (a sequential adapter in a post-LN model, AdapterHub's `original_ln_before`), the adapter
+    reads post_norm(h + residual), the residual being the sublayer's input, and adds onto h.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter, sequential: bool, post_norm=None):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
         self.sequential = sequential
+        # The model's own LayerNorm, held in a list so that it is not registered (and counted) twice.
+        self.post_norm = [post_norm] if post_norm is not None else []
         # Set by `CaptureInput` just before the sublayer runs; consumed (and released) by `forward`.
         self.captured_input: Optional[Tensor] = None
 
     def forward(self, *args, **kwargs) -> Tensor:
         h = self.base_layer(*args, **kwargs)
-        if self.sequential:
+        if self.sequential and not self.post_norm:
             return self.adapter(h, h)
         x, self.captured_input = self.captured_input, None
         if x is None:
             raise RuntimeError(
-                "fastpeft: a parallel adapter ran without the sublayer's input; the sublayer module that feeds "
-                "this output projection was not called (was the output projection called directly?)"
+                "fastpeft: an adapter ran without the sublayer's input; the sublayer module that feeds this "
+                "output projection was not called (was the output projection called directly?)"
             )
+        if self.sequential:
+            x = self.post_norm[0](h + x)
         return self.adapter(x, h)
 
     def extra_repr(self) -> str:
-        return f"insertion={'sequential' if self.sequential else 'parallel'}"
+        insertion = "sequential" if self.sequential else "parallel"
+        return f"insertion={insertion}" + (", original_ln_before=True" if self.post_norm else "")
 
 
 class CaptureInput:

@@ -204,6 +204,8 @@ _BERT = {
     "attn": ("attention.output.dense", ("input", "attention", "hidden_states", 0)),
     "ffn": ("output.dense", ("output", "attention.output.LayerNorm")),
     "attention": ["attention.self"],
+    # Post-LN: the LayerNorm each block applies to (sublayer output + sublayer input).
+    "post_norm": {"attn": "attention.output.LayerNorm", "ffn": "output.LayerNorm"},
 }
 _LLAMA = {
     "stacks": ["layers"],
@@ -237,6 +239,7 @@ def _bart_layout(pre_ln: bool):
         "attn": ("self_attn.out_proj", attn_x),
         "ffn": ("fc2", ffn_input),
         "attention": ["self_attn", "encoder_attn"],
+        "post_norm": None if pre_ln else {"attn": "self_attn_layer_norm", "ffn": "final_layer_norm"},
     }
 
 
@@ -378,9 +381,10 @@ def reference_model(arch, base_factory, patched, config: fastpeft.UnifiedConfig)
                     _lora_hook(reference, path, roles, params, method.alpha / method.r)
         elif isinstance(method, fastpeft.AdapterConfig):
             out_rel, x_spec = layout[site]
+            norm = layout["post_norm"][site] if method.original_ln_before else None
             for stack_index, layer in layers:
                 spec = x_spec(stack_names[stack_index]) if callable(x_spec) else x_spec
-                _adapter_hooks(reference, layer, out_rel, spec, params, method)
+                _adapter_hooks(reference, layer, out_rel, spec, params, method, norm)
         else:
             prefixes = explicit_prefixes(patched, method)
             row = 0
@@ -440,14 +444,22 @@ def _lora_hook(model, path, roles, params, scale):
     module.register_forward_hook(hook)
 
 
-def _adapter_hooks(model, layer, out_rel, x_spec, params, method):
+def layer_norm(v, module):
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    return (v - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
+
+
+def _adapter_hooks(model, layer, out_rel, x_spec, params, method, norm=None):
+    """Sequential: h + s f(h); parallel: h + s f(sublayer input); with `norm` (AdapterHub's
+    original_ln_before): h + s f(LayerNorm(h + sublayer input))."""
     out_path = _join(layer, out_rel)
     name = f"{out_path}.adapter"
     wd, bd = params[f"{name}.down.weight"], params[f"{name}.down.bias"]
     wu, bu = params[f"{name}.up.weight"], params[f"{name}.up.bias"]
     scale = params[f"{name}.scale"] if method.scale == "learned" else method.scale
     captured = {}
-    if method.insertion == "parallel":
+    if method.insertion == "parallel" or norm is not None:
         if x_spec[0] == "output":
             model.get_submodule(_join(layer, x_spec[1])).register_forward_hook(
                 lambda mod, args, out: captured.__setitem__("x", out)
@@ -460,8 +472,13 @@ def _adapter_hooks(model, layer, out_rel, x_spec, params, method):
 
             model.get_submodule(_join(layer, rel)).register_forward_pre_hook(pre_hook, with_kwargs=True)
 
+    norm_module = model.get_submodule(_join(layer, norm)) if norm is not None else None
+
     def hook(mod, args, out):
-        x = out if method.insertion == "sequential" else captured.pop("x")
+        if norm_module is not None:
+            x = layer_norm(out + captured.pop("x"), norm_module)
+        else:
+            x = out if method.insertion == "sequential" else captured.pop("x")
         return adapter_math(x, out, wd, bd, wu, bu, scale, method.activation)
 
     model.get_submodule(out_path).register_forward_hook(hook)

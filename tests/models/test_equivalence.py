@@ -93,3 +93,27 @@ def test_prefix_with_eager_attention_masks(arch, method):
         actual = output(model, data)
         expected = output(reference_model(arch, factory, model, config), data)
     assert_close64(actual, expected)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "bart"])
+def test_original_ln_before_on_post_ln_models(arch):
+    adapter = fastpeft.AdapterConfig(r=4, insertion="sequential", init="bert", original_ln_before=True)
+    config = fastpeft.UnifiedConfig(attn=adapter, ffn=adapter)
+    model = build(arch).double()
+    fastpeft.apply(model, config)
+    randomize_method_parameters(model)
+    data = inputs(arch)
+    with torch.no_grad():
+        actual = output(model, data)
+        expected = output(reference_model(arch, lambda: build(arch), model, config), data)
+    assert_close64(actual, expected)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mbart"])
+def test_original_ln_before_needs_a_post_ln_model(arch):
+    model = build(arch)
+    snapshot = snapshot_model(model)
+    config = fastpeft.AdapterConfig(r=4, insertion="sequential", original_ln_before=True)
+    with pytest.raises(ValueError, match=rf"original_ln_before needs a post-LN architecture.*{arch} normalises before"):
+        fastpeft.apply(model, config)
+    assert_same_model(model, snapshot)
