@@ -12,7 +12,7 @@ from fastpeft.modules.lora import LoRALinear
 from fastpeft.patching import PREFIX_ATTR, build_plan, execute, get_state, host_copy, undo
 
 
-def apply(model: nn.Module, config="mam") -> nn.Module:
+def apply(model: nn.Module, config) -> nn.Module:
     """Insert the method(s) of `config` into `model` in place, freeze the base model, and return `model`.
 
     `config` is a preset name ("houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora", "prefix", "mam"),

@@ -272,6 +272,9 @@ def _plan_prefix(model, plan: Plan, stacks, method: PrefixConfig) -> None:
                 plan.prefix_sites.append(
                     PrefixSitePlan(path, kv_heads, head_dim, default_scaling(module, head_dim), legacy)
                 )
+    head_dims = sorted({site.head_dim for site in plan.prefix_sites})
+    if len(head_dims) > 1:  # one [rows, L, D] tensor holds every prefix
+        raise ValueError(f"fastpeft.apply: prefix tuning needs one head size across attentions, got {head_dims}")
 
 
 def _check_legacy_attention(arch: Arch, path: str, module: nn.Module) -> None:
@@ -279,6 +282,11 @@ def _check_legacy_attention(arch: Arch, path: str, module: nn.Module) -> None:
         raise ValueError(
             f"fastpeft.apply: attention {path!r} ({type(module).__name__}) does not route through transformers' "
             "attention interface and fastpeft has no other way in for it"
+        )
+    if "forward" in vars(module):
+        raise ValueError(
+            f"fastpeft.apply: attention {path!r} already has a forward replaced on the instance (an accelerate "
+            "dispatch hook?); prefix tuning on it needs transformers >= 5 or a model without such hooks"
         )
     if getattr(module, "is_decoder", False):
         raise ValueError(
