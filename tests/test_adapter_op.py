@@ -291,3 +291,14 @@ def test_bad_arguments_give_clear_errors(overrides, error, words):
     assert message.startswith("fastpeft.adapter:"), message
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+
+
+def test_meta_tensors_give_shapes_without_computing():
+    """Both ops run on the meta device (shape inference, parameter counting on models built without weights)."""
+    args = {k: v.to("meta") if v is not None else None for k, v in make_inputs().items()}
+    y = fastpeft.adapter(**args, scale=2.0, activation="gelu")
+    assert y.device.type == "meta" and y.shape == (3, 5, 12)
+    q, k = torch.empty(2, 4, 5, 8, device="meta"), torch.empty(2, 2, 7, 8, device="meta")
+    prefix = torch.empty(2, 3, 8, device="meta")
+    out = fastpeft.prefix_attention(q, k, k, prefix, prefix, causal=True)
+    assert out.device.type == "meta" and out.shape == (2, 4, 5, 8)

@@ -47,7 +47,8 @@ def check_shape(op: str, name: str, value: Tensor, expected: Sequence[int], mean
 def autocast_inputs(tensors: Sequence[Optional[Tensor]]) -> list:
     """Cast floating tensors to the autocast dtype when autocast is on for their device, as torch.nn.Linear is."""
     device = next((t.device for t in tensors if t is not None), None)
-    if device is None or not torch.is_autocast_enabled(device.type):
+    # Autocast exists for real devices only (torch.is_autocast_enabled("meta") raises).
+    if device is None or device.type == "meta" or not torch.is_autocast_enabled(device.type):
         return list(tensors)
     dtype = torch.get_autocast_dtype(device.type)
     return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
