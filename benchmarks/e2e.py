@@ -22,7 +22,7 @@ from benchmarks import e2e_models, e2e_providers, harness
 
 SUBJECT = "e2e"
 TASKS = ("train", "forward", "generate")
-METHODS = tuple(e2e_providers.METHODS)
+METHODS = e2e_providers.METHODS
 PROVIDERS = e2e_providers.PROVIDERS
 
 

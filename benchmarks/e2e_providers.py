@@ -5,8 +5,7 @@ measurement), `adapters` (AdapterHub, the matching config), `peft` (LoRA and pre
 fine-tuning, the yardstick; method "full"). A provider that cannot run here raises `Unavailable` with the reason.
 
 Every method's sizes come from one place, `method_spec`: fastpeft's preset of the same name (what
-`fastpeft.apply(model, name)` builds), or the papers' defaults in `METHODS` while fastpeft has no presets, and are
-given to each library in its own terms. Zero-initialised trainable weights (LoRA's B, the parallel
+`fastpeft.apply(model, name)` builds), given to each library in its own terms. Zero-initialised trainable weights (LoRA's B, the parallel
 adapter's up-projection) are re-drawn from a small normal after setup, the same way for every provider: timing a
 product with zeros measures nothing a user trains with.
 """
@@ -35,34 +34,26 @@ class MethodSpec:
     prefix: int = 0  # prefix length l
     reparam: int = 0  # width of the prefix reparametrization MLP
     train_layernorm: bool = False  # the norms are trained too (Houlsby)
+    original_ln_before: bool = False  # sequential adapters on post-LN models read LN(h + x) (AdapterHub's seq_bn)
 
 
-# The papers' defaults (PAPER.md sections 2 and 4), used when fastpeft has no presets to read them from.
-METHODS = {
-    "houlsby": MethodSpec(r=64, activation="gelu", train_layernorm=True),
-    "pfeiffer": MethodSpec(r=64, activation="relu"),
-    "parallel": MethodSpec(r=512, activation="relu", scale=1.0),
-    "scaled_parallel": MethodSpec(r=512, activation="relu", scale=4.0),
-    "lora": MethodSpec(r=8, scale=16 / 8),
-    "prefix": MethodSpec(prefix=200, reparam=512),
-    "mam": MethodSpec(r=512, activation="relu", scale=4.0, prefix=30, reparam=512),
-    "full": MethodSpec(),
-}
+METHODS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora", "prefix", "mam", "full")
 
 
 def method_spec(method: str) -> MethodSpec:
-    """The sizes of `method`, read from fastpeft's preset of that name when fastpeft has presets (so every library
-    gets exactly what `fastpeft.apply(model, method)` builds), else from `METHODS`."""
+    """The sizes of `method`, read from fastpeft's preset of that name (the papers' defaults, PAPER.md sections 2
+    and 4), so that every library gets exactly what `fastpeft.apply(model, method)` builds."""
     import fastpeft
 
-    if method == "full" or not hasattr(fastpeft, "get_config"):
-        return METHODS[method]
+    if method == "full":
+        return MethodSpec()
     config = fastpeft.get_config(method)
     values = {"train_layernorm": bool(getattr(config, "train_layernorm", False))}
     for part in (config.attn, config.ffn):
         kind = type(part).__name__
         if kind == "AdapterConfig":
-            values.update(r=part.r, activation=part.activation, scale=part.scale)
+            values.update(r=part.r, activation=part.activation, scale=part.scale,
+                          original_ln_before=bool(getattr(part, "original_ln_before", False)))
         elif kind == "LoRAConfig":
             values.update(r=part.r, scale=part.alpha / part.r)
         elif kind == "PrefixConfig":
@@ -111,8 +102,6 @@ def run_context(provider: str):
 def _fastpeft(model, method):
     import fastpeft
 
-    if not hasattr(fastpeft, "apply"):
-        raise Unavailable("fastpeft.apply is not in this fastpeft yet (the Python layer, issue 5)")
     return fastpeft.apply(model, method)
 
 
@@ -134,9 +123,9 @@ def _adapters(model, model_name, method):
     d = model.config.hidden_size
     bottleneck = dict(reduction_factor=d / spec.r, non_linearity=spec.activation) if spec.r else {}
     if method == "houlsby":
-        config = DoubleSeqBnConfig(**bottleneck)
+        config = DoubleSeqBnConfig(**bottleneck, original_ln_before=spec.original_ln_before)
     elif method == "pfeiffer":
-        config = SeqBnConfig(**bottleneck)
+        config = SeqBnConfig(**bottleneck, original_ln_before=spec.original_ln_before)
     elif method in ("parallel", "scaled_parallel"):
         config = ParBnConfig(**bottleneck, scaling=spec.scale)
     elif method == "lora":

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-import fastpeft
 from benchmarks import e2e, e2e_models, e2e_providers, harness
 
 CPU = torch.device("cpu")
@@ -96,12 +95,26 @@ def test_library_provider(model, method, provider):
 def test_fastpeft_provider(model, method, provider):
     records = e2e.run_job(model, method, provider, _tasks(model), quick=True, device=CPU, dtype=torch.float32,
                           timer=TIMER)
-    if not hasattr(fastpeft, "apply"):
-        # Until the Python layer (issue 5) is merged the provider is skipped, and says why.
-        assert all(r["status"] == "skipped" and "fastpeft.apply" in r["reason"] for r in records)
-        pytest.skip("fastpeft.apply is not in this fastpeft yet (issue 5)")
     _check_records(records, model, method, provider)
     _check_method_is_active(model, method, provider)
+
+
+# BART's prefix: AdapterHub keeps one reparametrization per kind of attention (encoder, decoder, cross), fastpeft one.
+DIFFERENT_SIZES = {("bart-large", "prefix"), ("bart-large", "mam")}
+
+
+@pytest.mark.parametrize("model", e2e_models.MODELS)
+def test_adapters_gets_the_sizes_fastpeft_trains(model):
+    """The matching AdapterHub config trains exactly as many parameters as fastpeft's preset."""
+    if _adapters_unavailable():
+        pytest.skip(_adapters_unavailable())
+    for method in e2e_providers.METHODS:
+        if method == "full" or (model, method) in DIFFERENT_SIZES:
+            continue
+        counts = [e2e_providers.parameter_counts(e2e_providers.prepare(e2e_models.build_model(model, True, CPU), model,
+                                                                       method, provider))[0]
+                  for provider in ("fastpeft", "adapters")]
+        assert counts[0] == counts[1], (model, method, counts)
 
 
 def test_peft_has_only_lora_and_prefix():
