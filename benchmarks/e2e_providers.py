@@ -5,9 +5,9 @@ measurement), `adapters` (AdapterHub, the matching config), `peft` (LoRA and pre
 fine-tuning, the yardstick; method "full"). A provider that cannot run here raises `Unavailable` with the reason.
 
 Every method's sizes come from one place, `method_spec`: fastpeft's preset of the same name (what
-`fastpeft.apply(model, name)` builds), given to each library in its own terms. Zero-initialised trainable weights (LoRA's B, the parallel
-adapter's up-projection) are re-drawn from a small normal after setup, the same way for every provider: timing a
-product with zeros measures nothing a user trains with.
+`fastpeft.apply(model, name)` builds), given to each library in its own terms. Zero-initialised trainable weights
+(LoRA's B, the parallel adapter's up-projection) are re-drawn from a small normal after setup, the same way for every
+provider: timing a product with zeros measures nothing a user trains with.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 PROVIDERS = ("fastpeft", "fastpeft_ref", "adapters", "peft", "full")
-PEFT_METHODS = ("lora", "prefix")
+# fastpeft's activation names in AdapterHub's vocabulary.
+ADAPTERS_ACTIVATIONS = {"silu": "swish", "gelu_tanh": "gelu_new", "identity": "linear"}
 
 
 class Unavailable(Exception):
@@ -35,6 +36,7 @@ class MethodSpec:
     reparam: int = 0  # width of the prefix reparametrization MLP
     train_layernorm: bool = False  # the norms are trained too (Houlsby)
     original_ln_before: bool = False  # sequential adapters on post-LN models read LN(h + x) (AdapterHub's seq_bn)
+    targets: tuple = ()  # LoRA: the projections by role (q, k, v, o, ffn_in, ffn_out)
 
 
 METHODS = ("houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora", "prefix", "mam", "full")
@@ -55,20 +57,17 @@ def method_spec(method: str) -> MethodSpec:
             values.update(r=part.r, activation=part.activation, scale=part.scale,
                           original_ln_before=bool(getattr(part, "original_ln_before", False)))
         elif kind == "LoRAConfig":
-            values.update(r=part.r, scale=part.alpha / part.r)
+            values.update(r=part.r, scale=part.alpha / part.r, targets=tuple(part.targets))
         elif kind == "PrefixConfig":
             values.update(prefix=part.length, reparam=part.reparam_dim or 0)
     return MethodSpec(**values)
 
 
-# The providers each method has (besides fastpeft and fastpeft_ref, which have every method but "full").
-_OTHERS = {"lora": ("adapters", "peft"), "prefix": ("adapters", "peft"), "full": ("full",)}
-
-
 def providers_for(method: str) -> tuple[str, ...]:
+    """fastpeft and its reference path have every method, AdapterHub too, peft only LoRA and prefix tuning."""
     if method == "full":
         return ("full",)
-    return ("fastpeft", "fastpeft_ref") + _OTHERS.get(method, ("adapters",))
+    return ("fastpeft", "fastpeft_ref", "adapters") + (("peft",) if method in ("lora", "prefix") else ())
 
 
 def prepare(model, model_name: str, method: str, provider: str):
@@ -121,7 +120,8 @@ def _adapters(model, model_name, method):
 
     spec = method_spec(method)
     d = model.config.hidden_size
-    bottleneck = dict(reduction_factor=d / spec.r, non_linearity=spec.activation) if spec.r else {}
+    activation = ADAPTERS_ACTIVATIONS.get(spec.activation, spec.activation)
+    bottleneck = dict(reduction_factor=d / spec.r, non_linearity=activation) if spec.r else {}
     if method == "houlsby":
         config = DoubleSeqBnConfig(**bottleneck, original_ln_before=spec.original_ln_before)
     elif method == "pfeiffer":
@@ -129,7 +129,8 @@ def _adapters(model, model_name, method):
     elif method in ("parallel", "scaled_parallel"):
         config = ParBnConfig(**bottleneck, scaling=spec.scale)
     elif method == "lora":
-        config = LoRAConfig(r=spec.r, alpha=int(spec.r * spec.scale), attn_matrices=["q", "v"])
+        _attention_roles(spec)
+        config = LoRAConfig(r=spec.r, alpha=int(spec.r * spec.scale), attn_matrices=list(spec.targets))
     elif method == "prefix":
         config = PrefixTuningConfig(prefix_length=spec.prefix, bottleneck_size=spec.reparam)
     elif method == "mam":
@@ -163,7 +164,8 @@ def _peft(model, model_name, method):
     spec = method_spec(method)
     task = {"roberta-base": "SEQ_CLS", "bart-large": "SEQ_2_SEQ_LM", "llama-1b": "CAUSAL_LM"}[model_name]
     if method == "lora":
-        targets = ["query", "value"] if model_name == "roberta-base" else ["q_proj", "v_proj"]
+        names = PEFT_LORA_NAMES["roberta" if model_name == "roberta-base" else "bart-llama"]
+        targets = [names[role] for role in _attention_roles(spec)]
         config = peft.LoraConfig(task_type=task, r=spec.r, lora_alpha=int(spec.r * spec.scale),
                                  lora_dropout=0.0, target_modules=targets)
     elif method == "prefix":
@@ -172,6 +174,20 @@ def _peft(model, model_name, method):
     else:
         raise Unavailable(f"peft has no {method!r} (it has LoRA and prefix tuning, no bottleneck adapters)")
     return peft.get_peft_model(model, config)
+
+
+# The module names of the q, k, v projections, for peft's target_modules.
+PEFT_LORA_NAMES = {
+    "roberta": {"q": "query", "k": "key", "v": "value"},
+    "bart-llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj"},
+}
+
+
+def _attention_roles(spec: MethodSpec) -> tuple:
+    """LoRA's targets, which must be among q, k, v: what AdapterHub (`attn_matrices`) and peft both express."""
+    if not spec.targets or not set(spec.targets) <= {"q", "k", "v"}:
+        raise Unavailable(f"LoRA targets {spec.targets}: only q, k and v map onto AdapterHub and peft here")
+    return spec.targets
 
 
 def parameter_counts(model) -> tuple[int, int]:
