@@ -46,28 +46,28 @@ def run_job(model_name, method, provider, tasks, *, quick, device, dtype, timer)
     base = {"subject": SUBJECT, "model": model_name, "method": method, "provider": provider,
             "dtype": str(dtype).replace("torch.", ""), "shape": shape,
             "spec": {k: v for k, v in vars(e2e_providers.method_spec(method)).items() if v}}
-    records = []
     model = None
     try:
         model = e2e_models.build_model(model_name, quick, device)
         torch.manual_seed(1)
         model = e2e_providers.prepare(model, model_name, method, provider).to(dtype)
         trainable, total = e2e_providers.parameter_counts(model)
+        records = []
+        for task in tasks:
+            record = {**base, "task": task, "case": f"{model_name} {task}",
+                      "trainable_params": trainable, "total_params": total}
+            try:
+                with e2e_providers.run_context(provider):
+                    record.update(_measure(task, model, model_name, work, device, timer))
+                record["status"] = "ok"
+            except Exception as error:  # noqa: BLE001 - a failed task is reported, the suite goes on
+                record.update(harness.error_fields(error))
+            records.append(record)
     except e2e_providers.Unavailable as why:
-        return [{**base, "task": t, "case": f"{model_name} {t}", "status": "skipped", "reason": str(why)}
-                for t in tasks]
+        records = [{**base, "task": t, "case": f"{model_name} {t}", "status": "skipped", "reason": str(why)}
+                   for t in tasks]
     except Exception as error:  # noqa: BLE001 - a provider that fails to set up is reported, not fatal
-        return [{**base, "task": t, "case": f"{model_name} {t}", **harness.error_fields(error)} for t in tasks]
-    for task in tasks:
-        record = {**base, "task": task, "case": f"{model_name} {task}",
-                  "trainable_params": trainable, "total_params": total}
-        try:
-            with e2e_providers.run_context(provider):
-                record.update(_measure(task, model, model_name, work, device, timer))
-            record["status"] = "ok"
-        except Exception as error:  # noqa: BLE001
-            record.update(harness.error_fields(error))
-        records.append(record)
+        records = [{**base, "task": t, "case": f"{model_name} {t}", **harness.error_fields(error)} for t in tasks]
     del model
     free_memory(device)
     return records

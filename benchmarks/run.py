@@ -44,7 +44,7 @@ def timers(device: torch.device, quick: bool) -> dict:
     }
 
 
-def _choices(text: str | None, allowed, what: str) -> list[str]:
+def _choices(text: str | None, allowed) -> list[str]:
     """The names of a comma-separated filter that `allowed` has, in `allowed`'s order (all of them for None)."""
     if text is None:
         return list(allowed)
@@ -77,7 +77,7 @@ def parse_args(argv):
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     _check_filter(",".join(args.subjects), SUBJECTS, "subject")
-    args.subjects = _choices(",".join(args.subjects) if args.subjects else None, SUBJECTS, "subject")
+    args.subjects = _choices(",".join(args.subjects) if args.subjects else None, SUBJECTS)
     _check_filter(args.method, [m for s in SUBJECTS.values() for m in s.METHODS], "method")
     _check_filter(args.provider, [p for s in SUBJECTS.values() for p in s.PROVIDERS], "provider")
     _check_filter(args.mode, micro.MODES, "mode")
@@ -138,9 +138,9 @@ def _progress(total: int, label: str, args):
 
 
 def run_micro(module, args, device, dtype, quick, timer, ceil, writer) -> list[dict]:
-    methods = _choices(args.method, module.METHODS, "method")
-    providers = _choices(args.provider, module.PROVIDERS, "provider")
-    modes = _choices(args.mode, micro.MODES, "mode")
+    methods = _choices(args.method, module.METHODS)
+    providers = _choices(args.provider, module.PROVIDERS)
+    modes = _choices(args.mode, micro.MODES)
     cases = [c for c in module.cases(quick) if c["method"] in methods]
     jobs = [(c, p) for c in cases for p in module.providers(c["method"]) if p in providers]
     element = torch.empty(0, dtype=dtype).element_size()
@@ -181,8 +181,8 @@ def run_micro(module, args, device, dtype, quick, timer, ceil, writer) -> list[d
 
 
 def run_e2e(args, device, dtype, quick, timer, writer) -> list[dict]:
-    jobs = e2e.plan(_choices(args.model, e2e_models.MODELS, "model"), _choices(args.method, e2e.METHODS, "method"),
-                    _choices(args.provider, e2e.PROVIDERS, "provider"), _choices(args.task, e2e.TASKS, "task"),
+    jobs = e2e.plan(_choices(args.model, e2e_models.MODELS), _choices(args.method, e2e.METHODS),
+                    _choices(args.provider, e2e.PROVIDERS), _choices(args.task, e2e.TASKS),
                     quick)
     records = []
     with _progress(sum(len(tasks) for *_, tasks in jobs), "e2e", args) as bar:
