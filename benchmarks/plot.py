@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     parser.add_argument("paths", nargs="*", type=Path, default=[RESULTS], help=".jsonl files or directories")
     parser.add_argument("--out", type=Path, default=RESULTS / "plots", help="where the PNG files go")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"no such file or directory: {', '.join(missing)} (no benchmark records there yet?)")
     written = plot(args.paths, args.out)
     print(f"{len(written)} plots in {args.out}" if written else "no records with status ok: nothing to plot")
     return 0

@@ -107,6 +107,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", type=Path, default=[RESULTS], help=".jsonl files or directories")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"no such file or directory: {', '.join(missing)} (no benchmark records there yet?)")
     print(summary(harness.read_records(args.paths)))
     return 0
 
