@@ -53,6 +53,19 @@ constexpr int kBlockK16Bit = 32;
 constexpr int kBlockKFloat = 16;
 constexpr int block_k(DType dtype) { return dtype == DType::kFloat32 ? kBlockKFloat : kBlockK16Bit; }
 
+// The split of K the skinny kernel runs when `requested` splits are asked for: every split does `steps_per_split`
+// steps of block_k(dtype) and none is empty (fastpeft/ops/_adapter_cuda.py's `normalised_splits` mirrors this).
+struct SplitK {
+  int64_t splits;
+  int64_t steps_per_split;
+};
+constexpr SplitK split_k(int64_t depth, DType dtype, int64_t requested) {
+  const int64_t steps = ceil_div(depth, block_k(dtype));
+  if (steps <= 1 || requested <= 1) return {1, steps};
+  const int64_t per_split = ceil_div(steps, requested < steps ? requested : steps);
+  return {ceil_div(steps, per_split), per_split};
+}
+
 // ------------------------------------------------------------------------------------------------ parameters
 
 enum class SkinnyMode : int { kShrink = 0, kGradZ = 1 };

@@ -73,7 +73,7 @@ __device__ __forceinline__ void column_sums(const T* a_tile, float* scratch, flo
 template <typename T, SkinnyMode kMode>
 __global__ void __launch_bounds__(kThreads) skinny_gemm_kernel(const SkinnyParams p) {
   using L = SkinnyLayout<T, kMode>;
-  __shared__ alignas(128) unsigned char smem[L::kBytes];
+  alignas(128) __shared__ unsigned char smem[L::kBytes];
   __shared__ float scratch[kThreads];  // column sums (grad_z)
 
   const int64_t col_blocks = ceil_div(p.cols, L::kBN);
@@ -127,6 +127,9 @@ __global__ void __launch_bounds__(kThreads) skinny_reduce_kernel(const SkinnyPar
   }
 }
 
+// Launchers: nvcc only (tests/emulation compiles the kernels above with g++ to run them on the CPU).
+#if defined(__CUDACC__)
+
 template <typename T, SkinnyMode kMode>
 cudaError_t launch_skinny_mode(const SkinnyParams& p, cudaStream_t stream) {
   const int64_t ctas = ceil_div(p.rows, kSkinnyBlockM) * ceil_div(p.cols, kSkinnyBlockN);
@@ -145,6 +148,8 @@ cudaError_t launch_skinny_gemm_typed(const SkinnyParams& p, cudaStream_t stream)
   return p.mode == SkinnyMode::kShrink ? launch_skinny_mode<T, SkinnyMode::kShrink>(p, stream)
                                        : launch_skinny_mode<T, SkinnyMode::kGradZ>(p, stream);
 }
+
+#endif  // defined(__CUDACC__)
 
 }  // namespace adapter
 }  // namespace fastpeft

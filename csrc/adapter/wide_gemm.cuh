@@ -53,7 +53,7 @@ __device__ __forceinline__ void store_chunk(T* dst, bool vec, int valid, const f
 template <typename T, bool kBNMajor>
 __global__ void __launch_bounds__(kThreads) wide_gemm_kernel(const WideParams p) {
   using L = WideLayout<T, kBNMajor>;
-  __shared__ alignas(128) unsigned char smem[L::kBytes];
+  alignas(128) __shared__ unsigned char smem[L::kBytes];
 
   const int64_t col_blocks = ceil_div(p.cols, L::kBN);
   const int64_t m0 = (blockIdx.x / col_blocks) * L::kBM;
@@ -101,6 +101,9 @@ __global__ void __launch_bounds__(kThreads) wide_gemm_kernel(const WideParams p)
   }
 }
 
+// Launchers: nvcc only (tests/emulation compiles the kernels above with g++ to run them on the CPU).
+#if defined(__CUDACC__)
+
 template <typename T>
 cudaError_t launch_wide_gemm_typed(const WideParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.cols == 0) return cudaSuccess;  // empty output; an empty grid is not a valid launch
@@ -112,6 +115,8 @@ cudaError_t launch_wide_gemm_typed(const WideParams& p, cudaStream_t stream) {
   }
   return cudaGetLastError();
 }
+
+#endif  // defined(__CUDACC__)
 
 }  // namespace adapter
 }  // namespace fastpeft

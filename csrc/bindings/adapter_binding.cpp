@@ -141,18 +141,13 @@ void check_grid(const char* op, int64_t ctas) {
   TORCH_CHECK(ctas <= INT_MAX, op, ": the problem needs ", ctas, " CTAs, more than a grid holds (", INT_MAX, ")");
 }
 
-// Normalises the requested split of K: split s covers `steps_per_split` steps of BK, no split is empty.
+// Sets the split of K (gemm_params.h's split_k: equal splits, none empty).
 void set_split(const char* op, gemm::SkinnyParams& p, int64_t splits) {
   TORCH_CHECK(splits >= 1, op, ": 'splits' must be at least 1, got ", splits);
-  const int64_t steps = gemm::ceil_div(p.depth, gemm::block_k(p.dtype));
-  if (steps <= 1 || splits == 1) {
-    p.splits = 1;
-    p.steps_per_split = steps;
-    return;
-  }
-  p.steps_per_split = gemm::ceil_div(steps, std::min(splits, steps));
-  p.splits = static_cast<int>(gemm::ceil_div(steps, p.steps_per_split));  // <= steps; the last split is not empty
-  TORCH_CHECK(p.splits <= 65535, op, ": 'splits' gives ", p.splits, " splits, more than gridDim.y holds (65535)");
+  const gemm::SplitK split = gemm::split_k(p.depth, p.dtype, splits);
+  TORCH_CHECK(split.splits <= 65535, op, ": 'splits' gives ", split.splits, " splits, more than gridDim.y holds (65535)");
+  p.splits = static_cast<int>(split.splits);
+  p.steps_per_split = split.steps_per_split;
 }
 
 void launch_skinny(const char* op, gemm::SkinnyParams& p, const at::TensorOptions& options,
