@@ -78,10 +78,11 @@ __device__ __forceinline__ void load_tile(T* smem, const Operand<T>& g, int64_t 
     if (g.vec_ok && row < g.rows && col + kVec <= g.cols) {
       __pipeline_memcpy_async(dst, g.ptr + row * g.ld + col, 16);
     } else {
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        dst[e] = (row < g.rows && col + e < g.cols) ? g.ptr[row * g.ld + col + e] : zero;
-      }
+      // The cold path (partial or unaligned chunks): one element at a time, kept compact.
+      const int64_t valid = row < g.rows ? g.cols - col : 0;
+      const T* src = g.ptr + row * g.ld + col;
+#pragma unroll 1
+      for (int e = 0; e < kVec; ++e) dst[e] = e < valid ? src[e] : zero;
     }
   }
 }

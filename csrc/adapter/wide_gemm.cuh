@@ -69,34 +69,48 @@ __global__ void __launch_bounds__(kThreads) wide_gemm_kernel(const WideParams p)
   engine.store(stage);
   __syncthreads();
 
-  // Epilogue in 16-byte chunks: the kChunksPerRow neighbouring threads of a row write one contiguous segment.
+  // Epilogue in 16-byte chunks: the kChunksPerRow neighbouring threads of a row read and write one contiguous
+  // segment. The residual is the epilogue's one operand from DRAM: all of this thread's residual chunks are loaded
+  // first, so that their latencies overlap (a load after each store would wait for it: the pointers may alias).
   constexpr int kVec = Chunk<T>::kSize;
   constexpr int kChunksPerRow = L::kBN / kVec;
-  static_assert(L::kBN % kVec == 0, "tile rows are whole chunks");
-  const float s = p.scale_ptr != nullptr ? *p.scale_ptr : static_cast<float>(p.scale);
+  constexpr int kChunksPerThread = L::kBM * kChunksPerRow / kThreads;
+  static_assert(L::kBN % kVec == 0 && (L::kBM * kChunksPerRow) % kThreads == 0, "tile rows are whole chunks");
   const T* residual = static_cast<const T*>(p.residual);
   const T* bias = static_cast<const T*>(p.bias);
   T* out = static_cast<T*>(p.out);
-  for (int chunk = threadIdx.x; chunk < L::kBM * kChunksPerRow; chunk += kThreads) {
-    const int r = chunk / kChunksPerRow;
-    const int c = (chunk % kChunksPerRow) * kVec;
+  auto tile_row = [](int i) { return (int(threadIdx.x) + i * kThreads) / kChunksPerRow; };
+  auto tile_col = [](int i) { return (int(threadIdx.x) + i * kThreads) % kChunksPerRow * kVec; };
+
+  float res[kChunksPerThread][kVec];
+#pragma unroll
+  for (int i = 0; i < kChunksPerThread; ++i) {
+    const int64_t row = m0 + tile_row(i);
+    const int64_t col = n0 + tile_col(i);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) res[i][e] = 0.f;
+    if (residual != nullptr && row < p.rows && col < p.cols) {
+      const int valid = int(std::min<int64_t>(kVec, p.cols - col));
+      load_chunk(residual + row * p.residual_ld + col, p.residual_vec_ok, valid, res[i]);
+    }
+  }
+
+  const float s = p.scale_ptr != nullptr ? *p.scale_ptr : static_cast<float>(p.scale);
+#pragma unroll
+  for (int i = 0; i < kChunksPerThread; ++i) {
+    const int r = tile_row(i);
+    const int c = tile_col(i);
     const int64_t row = m0 + r;
     const int64_t col = n0 + c;
     if (row >= p.rows || col >= p.cols) continue;
     const int valid = int(std::min<int64_t>(kVec, p.cols - col));
-    float value[kVec];
-    float res[kVec];
     float add[kVec];
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      value[e] = stage[r * L::kOutLd + c + e];
-      res[e] = 0.f;
-      add[e] = 0.f;
-    }
-    if (residual != nullptr) load_chunk(residual + row * p.residual_ld + col, p.residual_vec_ok, valid, res);
+    for (int e = 0; e < kVec; ++e) add[e] = 0.f;
     if (bias != nullptr) load_chunk(bias + col, p.bias_vec_ok, valid, add);
+    float value[kVec];
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) value[e] = res[e] + s * (value[e] + add[e]);
+    for (int e = 0; e < kVec; ++e) value[e] = res[i][e] + s * (stage[r * L::kOutLd + c + e] + add[e]);
     store_chunk(out + row * p.cols + col, p.out_vec_ok, valid, value);
   }
 }
