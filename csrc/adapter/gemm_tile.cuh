@@ -88,8 +88,9 @@ __device__ __forceinline__ void load_tile(T* smem, const Operand<T>& g, int64_t 
 }
 
 // Shared memory of one CTA: kStages x (A tile [BM][BK + pad], B tile), then reused for the float32 stage.
-// The pad (one 16-byte chunk per row) shifts consecutive rows by 4 banks, so the 8-row phases of tensor-core
-// fragment loads and of the FFMA loads hit distinct banks; rows stay 16-byte aligned for cp.async.
+// The pad (one 16-byte chunk per row) makes every row stride an odd multiple of 16 bytes, so the 8 rows that a
+// tensor-core fragment load reads 16 bytes of at once fall in 8 distinct groups of 4 banks; rows stay 16-byte
+// aligned for cp.async.
 template <typename T, int BM, int BN, bool BNMajor>
 struct SmemLayout {
   static constexpr int kBM = BM;
@@ -98,7 +99,7 @@ struct SmemLayout {
   static constexpr int kBK = BlockK<T>::value;
   static constexpr int kPad = Chunk<T>::kSize;
   static constexpr int kALd = kBK + kPad;                    // A tile: [BM][kALd]
-  static constexpr int kBRows = BNMajor ? BN : kBK;        // B tile: [BN][kBK + pad] or [BK][BN + pad]
+  static constexpr int kBRows = BNMajor ? BN : kBK;          // B tile: [BN][kBK + pad] or [BK][BN + pad]
   static constexpr int kBLd = (BNMajor ? kBK : BN) + kPad;
   static constexpr int kAElems = BM * kALd;
   static constexpr int kBElems = kBRows * kBLd;
@@ -112,6 +113,7 @@ struct SmemLayout {
   // fragment tiles start at multiples of 16 rows and 16 columns, so these make every such pointer aligned.
   static_assert((kAElems * sizeof(T)) % 32 == 0 && (kBElems * sizeof(T)) % 32 == 0, "stage offsets 32-byte aligned");
   static_assert((kALd * sizeof(T)) % 16 == 0 && (kBLd * sizeof(T)) % 16 == 0, "ldm must be a multiple of 16 bytes");
+  static_assert((kALd * sizeof(T) / 16) % 2 == 1 && (kBLd * sizeof(T) / 16) % 2 == 1, "odd 16-byte row strides");
   static_assert((kOutLd * sizeof(float)) % 16 == 0, "stage ldm must be a multiple of 16 bytes");
   static_assert(BM % 32 == 0 && BN % 32 == 0 && kBK % 16 == 0, "tiles are whole 32x32 warp tiles, K whole k16 steps");
   static_assert(kBytes + 1024 <= 48 * 1024, "static shared memory (plus the 1 KB column-sum scratch) over 48 KB");
