@@ -52,7 +52,8 @@ sys.exit(0 if torch.cuda.is_available() and e.kernels_usable(torch.device("cuda"
 ensure_kernels() {
     [ "${BENCH_ALLOW_REFERENCE:-0}" = 1 ] && return 0  # a dry run of this script without a GPU
     kernels_usable || build
-    kernels_usable || { echo "fastpeft's CUDA kernels are not usable here: not measuring the reference path" >&2; exit 1; }
+    kernels_usable || { echo "fastpeft's CUDA kernels are not usable here: not measuring its reference path" >&2
+                        exit 1; }
 }
 
 bench() {  # bench LOGNAME ARGS...: one run of the suite into $RESULTS
@@ -82,12 +83,14 @@ for stage in "${stages[@]}"; do
         build) build ;;
         adapter | prefix) ensure_kernels && bench "$stage" "$stage" ;;
         e2e) ensure_kernels && bench e2e e2e --provider fastpeft,fastpeft_ref,peft,full ;;
-        e2e:*) ensure_kernels && bench "e2e-${stage#e2e:}" e2e --model "${stage#e2e:}" --provider fastpeft,fastpeft_ref,peft,full ;;
+        e2e:*) ensure_kernels && bench "e2e-${stage#e2e:}" e2e --model "${stage#e2e:}" \
+                   --provider fastpeft,fastpeft_ref,peft,full ;;
         e2e-adapters) ensure_kernels && e2e_adapters ;;
         e2e-adapters:*) ensure_kernels && e2e_adapters --model "${stage#e2e-adapters:}" ;;
         plots) log "plots"; $PYTHON -m benchmarks.plot "$RESULTS" --out "$RESULTS/plots" ;;
         summary) log "summary"; $PYTHON -m benchmarks.summary "$RESULTS" | tee "$RESULTS/logs/summary.txt" ;;
-        *) echo "unknown stage $stage; stages: build adapter prefix e2e[:MODEL] e2e-adapters[:MODEL] plots summary (or all)" >&2
+        *) echo "unknown stage $stage; stages: build adapter prefix e2e[:MODEL] e2e-adapters[:MODEL] plots summary" \
+                "(or all)" >&2
            exit 2 ;;
     esac
 done

@@ -102,9 +102,9 @@ def _check_timing(record):
 def smoke(tmp_path_factory):
     """One quick CPU run of every subject (a few methods), as `make bench` runs it; returns (dir, records, stdout)."""
     out = tmp_path_factory.mktemp("bench")
-    argv = ["--quick", "--device", "cpu", "--out", str(out), "--no-progress", "--reps", "3", "--method", "lora,causal,full",
-            "--model", "llama-1b", "--task", "train,generate", "--provider", "fastpeft,eager,addmm,compile,peft,"
-            "concat,sdpa,full"]
+    argv = ["--quick", "--device", "cpu", "--out", str(out), "--no-progress", "--reps", "3",
+            "--method", "lora,causal,full", "--model", "llama-1b", "--task", "train,generate",
+            "--provider", "fastpeft,eager,addmm,compile,peft,concat,sdpa,full"]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert run.main(argv) == 0
@@ -139,8 +139,9 @@ def test_smoke_ceilings(smoke):
     ceilings = {r["case"]: r for r in records if r["subject"] == "ceiling"}
     assert set(ceilings) == {"copy", "matmul"}
     _check_timing(ceilings["copy"])
-    assert ceilings["copy"]["gbps"] == pytest.approx(2 * ceilings["copy"]["shape"]["bytes"] / ceilings["copy"]["ms"]["p50"] / 1e6)
-    assert ceilings["matmul"]["tflops"] == pytest.approx(2 * ceilings["matmul"]["shape"]["n"] ** 3 / ceilings["matmul"]["ms"]["p50"] / 1e9)
+    copy, matmul = ceilings["copy"], ceilings["matmul"]
+    assert copy["gbps"] == pytest.approx(2 * copy["shape"]["bytes"] / copy["ms"]["p50"] / 1e6)
+    assert matmul["tflops"] == pytest.approx(2 * matmul["shape"]["n"] ** 3 / matmul["ms"]["p50"] / 1e9)
 
 
 @pytest.mark.parametrize("module", [micro_adapter, micro_prefix], ids=["adapter", "prefix"])
