@@ -23,7 +23,7 @@ PYTEST_ARGS ?=
 # `make test-wheel` builds its wheel for these two architectures (the test checks that exactly they are embedded).
 TEST_WHEEL_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: test build venv overlay bench info clean wheel test-wheel
+.PHONY: test build venv overlay bench bench-gpu bench-wheels info clean wheel test-wheel
 
 $(VENV)/.installed: requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -72,8 +72,21 @@ test-wheel: $(VENV)/.wheel-tools
 	FASTPEFT_TEST_WHEEL_ARCH_LIST="$(TEST_WHEEL_ARCH_LIST)" MAX_JOBS=$(MAX_JOBS) \
 		$(PY) -m pytest -v -s -m slow $(PYTEST_ARGS) tests/test_wheel.py
 
+# The benchmark suite (`python -m benchmarks --help`): tables on stdout, JSON lines and plots of the run. Without a GPU
+# it runs tiny sizes on the CPU (fastpeft's reference path, not its kernels) into benchmarks/results/scratch/.
+BENCH_ARGS ?=
 bench: build
-	$(PY) -m benchmarks.demo
+	$(PY) -m benchmarks --plot $(BENCH_ARGS)
+
+# The full suite on a GPU machine, building the extension first (benchmarks/gpu_run.sh; stages in BENCH_STAGES).
+BENCH_STAGES ?=
+bench-gpu:
+	PYTHON=$(PYTHON) benchmarks/gpu_run.sh $(BENCH_STAGES)
+
+# Wheels that bring AdapterHub `adapters` (and the transformers 4.57 it pins) to the GPU machine: carry .whl there.
+bench-wheels: $(VENV)/.installed
+	$(PIP) download --quiet --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl -r benchmarks/gpu-wheels.txt
 
 info: build
 	$(PY) -m fastpeft.info

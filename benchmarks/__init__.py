@@ -1,0 +1,1 @@
+"""fastpeft's benchmark suite (`make bench`, `python -m benchmarks --help`); plots: `python -m benchmarks.plot`."""
