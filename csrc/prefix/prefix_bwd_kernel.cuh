@@ -1,0 +1,304 @@
+// Fused prefix-attention backward: the prefix part of dq (added into dq in place) and dP_k, dP_v summed over the
+// batch and the query heads of each group, deterministically. Conventions and formulas: prefix_params.h.
+// Included only by prefix_bwd_d*.cu (one head-dim bucket each).
+//
+// Structure (FlashAttention-2's dK/dV loop, with the prefix chunk as the key block):
+// - Grid (row_blocks, Hkv). Block x of head h loops over the prefix in chunks of kChunk keys (outer loop), and for
+//   each chunk over its row tiles x, x + row_blocks, ... (inner loop), accumulating the chunk's dP_k, dP_v over its
+//   rows in registers. At the end of a chunk it writes them to its own slice of the float32 partial buffers;
+//   `prefix_reduce_kernel` then sums the slices over the row blocks in a fixed order (deterministic, no atomics).
+// - Per row tile (64 rows; warp w computes rows 16w .. 16w+15): S = Q P_k^T and dP = dO P_v^T (mma), P = exp(S - L)
+//   with the merged L, dS = P (dP - D) with D = rowsum(dO * O) of the merged O. P^T and dS^T go to shared memory;
+//   then every warp accumulates its (16 keys x 64 dims) block of dP_v += P^T dO and dP_k += dS^T Q (mma).
+// - dq: each warp computes its rows' dS P_k (mma) and adds it to dq. An element of dq belongs to exactly one thread
+//   of one block, so the read-modify-write needs no atomics. With one chunk (L <= kChunk) it is
+//   dq = round(dq_main + scale dS P_k), one pass; with several chunks the sum runs in float32 in `dq_accum` and the
+//   last chunk rounds it once (the rows are then visited once per chunk).
+#pragma once
+
+#include <cmath>
+
+#include "common/numeric.cuh"
+#include "prefix/mma.cuh"
+#include "prefix/prefix_params.h"
+
+namespace fastpeft {
+namespace prefix {
+
+template <int kD>
+struct BwdTraits {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * kWarpSize;
+  static constexpr int kRows = kPrefixRowsPerTile;
+  // The chunk's dP_k and dP_v ([kChunk x kD] each) are split into 16 x 64 warp blocks, one per warp: 2 x 32 float
+  // accumulators per thread whatever the bucket. So kChunk * kD = 4 warps * 16 * 64.
+  static constexpr int kChunk = 4096 / kD;
+  static constexpr int kKeyBlocks = kChunk / 16;           // warp blocks along the keys
+  static constexpr int kDimBlocks = kWarps / kKeyBlocks;   // warp blocks along the head dim
+  static constexpr int kDimsPerWarp = kD / kDimBlocks;     // = 64
+  static constexpr int kLd = kD + 8;                       // Q, dO, P_k, P_v tiles
+  static constexpr int kLdT = kRows + 8;                   // P^T, dS^T tiles ([kChunk][kRows])
+  static_assert(kRows == kWarps * 16, "each warp owns 16 rows of the tile");
+  static_assert(kKeyBlocks * kDimBlocks == kWarps && kDimsPerWarp == 64, "one 16 x 64 block of dP per warp");
+  static_assert(kChunk == prefix_bwd_chunk(kD), "host and device agree on the chunk");
+  template <typename T>
+  static constexpr int smem_bytes() {
+    return (2 * kRows + 2 * kChunk) * kLd * static_cast<int>(sizeof(T)) +
+           2 * kChunk * kLdT * static_cast<int>(sizeof(T)) + 2 * kRows * static_cast<int>(sizeof(float));
+  }
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kernel(const PrefixBwdParams p) {
+  using Tr = BwdTraits<kD>;
+  constexpr int kRows = Tr::kRows, kChunk = Tr::kChunk, kLd = Tr::kLd, kLdT = Tr::kLdT;
+  constexpr int kNT = kChunk / 8;  // n-tiles of S and dP (keys)
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* q_s = reinterpret_cast<T*>(smem_raw);  // [kRows][kLd]
+  T* do_s = q_s + kRows * kLd;              // [kRows][kLd]
+  T* pk_s = do_s + kRows * kLd;             // [kChunk][kLd]
+  T* pv_s = pk_s + kChunk * kLd;            // [kChunk][kLd]
+  T* pt_s = pv_s + kChunk * kLd;            // [kChunk][kLdT]  P^T (key, row)
+  T* dst_s = pt_s + kChunk * kLdT;          // [kChunk][kLdT]  dS^T (key, row)
+  float* lse_s = reinterpret_cast<float*>(dst_s + kChunk * kLdT);  // [kRows]
+  float* delta_s = lse_s + kRows;                                  // [kRows]
+
+  const int h = blockIdx.y;
+  const int groups = p.heads_q / p.heads_kv;
+  const int rows_total = p.batch * groups * p.steps;
+  const int num_tiles = (rows_total + kRows - 1) / kRows;
+  const int num_chunks = (p.prefix_len + kChunk - 1) / kChunk;
+  const int padded_len = num_chunks * kChunk;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int g = lane_g(), c = lane_c();
+  const bool need_dq = p.dq != nullptr;
+  const bool need_dprefix = p.dpk_partial != nullptr;
+  const T* q = static_cast<const T*>(p.q);
+  const T* dout = static_cast<const T*>(p.dout);
+  const T* out = static_cast<const T*>(p.out);
+  const T* prefix_k = static_cast<const T*>(p.prefix_k) + int64_t(h) * p.prefix_len * p.head_dim;
+  const T* prefix_v = static_cast<const T*>(p.prefix_v) + int64_t(h) * p.prefix_len * p.head_dim;
+  // This warp's block of the chunk's dP_k / dP_v: keys key_block*16 .., dims dim_block*64 ..
+  const int key_block = warp % Tr::kKeyBlocks, dim_block = warp / Tr::kKeyBlocks;
+
+  // (b, hq, t) of folded row `row` of head h.
+  auto decode = [&](int row, int& b, int& hq, int& t) {
+    t = row % p.steps;
+    const int bg = row / p.steps;
+    hq = h * groups + bg % groups;
+    b = bg / groups;
+  };
+
+  for (int chunk = 0; chunk < num_chunks; ++chunk) {
+    const int j0 = chunk * kChunk;
+    __syncthreads();  // every warp is done with the previous chunk's tiles
+    load_tile<T, kD>(pk_s, kLd, kChunk, p.head_dim, [&](int r) -> const T* {
+      return j0 + r < p.prefix_len ? prefix_k + int64_t(j0 + r) * p.head_dim : nullptr;
+    });
+    load_tile<T, kD>(pv_s, kLd, kChunk, p.head_dim, [&](int r) -> const T* {
+      return j0 + r < p.prefix_len ? prefix_v + int64_t(j0 + r) * p.head_dim : nullptr;
+    });
+
+    float acc_dpk[8][4], acc_dpv[8][4];  // 16 keys x 64 dims each
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dpk[i][e] = acc_dpv[i][e] = 0.f;
+    }
+
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+      const int row0 = tile * kRows;
+      __syncthreads();  // the previous tile is done with q_s, do_s, pt_s, dst_s (and the chunk load is complete)
+      auto row_of = [&](const T* base, int64_t sb, int64_t sh, int64_t st) {
+        return [=, &decode](int r) -> const T* {
+          if (row0 + r >= rows_total) return nullptr;
+          int b, hq, t;
+          decode(row0 + r, b, hq, t);
+          return base + b * sb + hq * sh + t * st;
+        };
+      };
+      load_tile<T, kD>(q_s, kLd, kRows, p.head_dim, row_of(q, p.q_stride_b, p.q_stride_h, p.q_stride_t));
+      load_tile<T, kD>(do_s, kLd, kRows, p.head_dim, row_of(dout, p.do_stride_b, p.do_stride_h, p.do_stride_t));
+      for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
+        // Rows past the end get L = +inf: their probabilities are exp(-inf) = 0 and they add nothing.
+        float lse_row = INFINITY;
+        if (row0 + r < rows_total) {
+          int b, hq, t;
+          decode(row0 + r, b, hq, t);
+          lse_row = p.lse[(int64_t(b) * p.heads_q + hq) * p.steps + t];
+        }
+        lse_s[r] = lse_row;
+      }
+      __syncthreads();
+
+      // D = rowsum(dO * O) for the warp's 16 rows (dO from shared memory, the merged O from global memory).
+      for (int i = 0; i < 16; ++i) {
+        const int r = warp * 16 + i;
+        float sum = 0.f;
+        if (row0 + r < rows_total) {
+          int b, hq, t;
+          decode(row0 + r, b, hq, t);
+          const T* o_row = out + ((int64_t(b) * p.heads_q + hq) * p.steps + t) * p.head_dim;
+          for (int d = lane; d < p.head_dim; d += kWarpSize) {
+            sum += to_compute(do_s[r * kLd + d]) * to_compute(o_row[d]);
+          }
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+        if (lane == 0) delta_s[r] = sum;
+      }
+      __syncwarp();
+
+      // S = Q P_k^T, dP = dO P_v^T for the warp's rows; then P and dS (element e of n-tile nt: key nt*8 + 2c +
+      // (e & 1) of the chunk, row g + 8 (e >> 1) of the warp's 16).
+      float s[kNT][4], dp[kNT][4];
+#pragma unroll
+      for (int i = 0; i < kNT; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+      }
+      warp_mma_ss<T, kD, kNT, /*B_K_CONTIGUOUS=*/true>(s, q_s + warp * 16 * kLd, kLd, pk_s, kLd);
+      warp_mma_ss<T, kD, kNT, /*B_K_CONTIGUOUS=*/true>(dp, do_s + warp * 16 * kLd, kLd, pv_s, kLd);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = nt * 8 + 2 * c + (e & 1);         // within the chunk
+          const int r = warp * 16 + g + 8 * (e >> 1);        // within the tile
+          const bool real = j0 + key < p.prefix_len;        // padding keys: P = 0
+          const float prob = real ? __expf(s[nt][e] * p.scale - lse_s[r]) : 0.f;
+          const float ds = prob * (dp[nt][e] - delta_s[r]);
+          s[nt][e] = ds;  // s now holds dS (its A fragments feed dq below)
+          pt_s[key * kLdT + r] = from_compute<T>(prob);
+          dst_s[key * kLdT + r] = from_compute<T>(ds);
+        }
+      }
+
+      if (need_dq) {
+        uint32_t ds_frag[kNT / 2][4];
+        accumulator_to_a<T, kNT / 2>(ds_frag, s);
+        // dq rows of this thread: g and g + 8 of the warp's 16.
+        int64_t dq_off[2], acc_off[2];
+        bool valid[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int row = row0 + warp * 16 + g + 8 * i;
+          valid[i] = row < rows_total;
+          int b = 0, hq = 0, t = 0;
+          if (valid[i]) decode(row, b, hq, t);
+          dq_off[i] = b * p.dq_stride_b + hq * p.dq_stride_h + t * p.dq_stride_t;
+          acc_off[i] = ((int64_t(b) * p.heads_q + hq) * p.steps + t) * p.head_dim;
+        }
+        T* dq = static_cast<T*>(p.dq);
+        for (int d0 = 0; d0 < kD; d0 += 64) {  // 64 dims at a time: 32 accumulators
+          float acc[8][4];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+          warp_mma_rs<T, kNT / 2, 8, /*B_K_CONTIGUOUS=*/false>(acc, ds_frag, pk_s + d0, kLd);
+#pragma unroll
+          for (int dt = 0; dt < 8; ++dt) {
+            const int d = d0 + dt * 8 + 2 * c;
+            if (d >= p.head_dim) continue;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              if (!valid[i]) continue;
+              const float v0 = acc[dt][2 * i] * p.scale, v1 = acc[dt][2 * i + 1] * p.scale;
+              uint32_t* dq_pair = reinterpret_cast<uint32_t*>(dq + dq_off[i] + d);
+              float2* accum = p.dq_accum != nullptr ? reinterpret_cast<float2*>(p.dq_accum + acc_off[i] + d) : nullptr;
+              float2 sum;
+              if (chunk == 0) {  // start from the main part's dq
+                const T* old = dq + dq_off[i] + d;
+                sum = make_float2(to_compute(old[0]) + v0, to_compute(old[1]) + v1);
+              } else {  // accum holds main + the previous chunks, in float32
+                sum = *accum;
+                sum.x += v0;
+                sum.y += v1;
+              }
+              if (chunk == num_chunks - 1) {
+                *dq_pair = pack2<T>(sum.x, sum.y);  // the one rounding
+              } else {
+                *accum = sum;
+              }
+            }
+          }
+        }
+      }
+      __syncthreads();  // P^T and dS^T of all warps are in shared memory
+
+      if (need_dprefix) {
+        // dP_v[keys, dims] += P^T[keys, rows] dO[rows, dims]; dP_k += dS^T Q (scaled when written).
+        const T* pt = pt_s + key_block * 16 * kLdT;
+        const T* dst = dst_s + key_block * 16 * kLdT;
+        warp_mma_ss<T, kRows, 8, /*B_K_CONTIGUOUS=*/false>(acc_dpv, pt, kLdT, do_s + dim_block * 64, kLd);
+        warp_mma_ss<T, kRows, 8, /*B_K_CONTIGUOUS=*/false>(acc_dpk, dst, kLdT, q_s + dim_block * 64, kLd);
+      }
+    }
+
+    if (need_dprefix) {
+      // This block's partial sums for the chunk: slice [blockIdx.x][h] of [row_blocks][Hkv][padded_len][kD].
+      const int64_t slice = (int64_t(blockIdx.x) * p.heads_kv + h) * padded_len * kD;
+#pragma unroll
+      for (int dt = 0; dt < 8; ++dt) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int key = j0 + key_block * 16 + g + 8 * i;
+          const int d = dim_block * 64 + dt * 8 + 2 * c;
+          const int64_t at = slice + int64_t(key) * kD + d;
+          *reinterpret_cast<float2*>(p.dpk_partial + at) =
+              make_float2(acc_dpk[dt][2 * i] * p.scale, acc_dpk[dt][2 * i + 1] * p.scale);
+          *reinterpret_cast<float2*>(p.dpv_partial + at) = make_float2(acc_dpv[dt][2 * i], acc_dpv[dt][2 * i + 1]);
+        }
+      }
+    }
+  }
+}
+
+// dprefix[h, j, d] = sum over row blocks x = 0, 1, ... of partial[x, h, j, d], in that order (deterministic).
+template <typename T, int kD>
+__global__ void prefix_reduce_kernel(const PrefixBwdParams p) {
+  const int num_chunks = (p.prefix_len + BwdTraits<kD>::kChunk - 1) / BwdTraits<kD>::kChunk;
+  const int padded_len = num_chunks * BwdTraits<kD>::kChunk;
+  const int64_t total = int64_t(p.heads_kv) * p.prefix_len * p.head_dim;
+  const int64_t slice = int64_t(p.heads_kv) * padded_len * kD;  // one row block's partials
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int d = i % p.head_dim;
+    const int j = (i / p.head_dim) % p.prefix_len;
+    const int h = i / (int64_t(p.head_dim) * p.prefix_len);
+    const int64_t at = (int64_t(h) * padded_len + j) * kD + d;
+    float sk = 0.f, sv = 0.f;
+    for (int x = 0; x < p.row_blocks; ++x) {
+      sk += p.dpk_partial[x * slice + at];
+      sv += p.dpv_partial[x * slice + at];
+    }
+    static_cast<T*>(p.dprefix_k)[i] = from_compute<T>(sk);
+    static_cast<T*>(p.dprefix_v)[i] = from_compute<T>(sv);
+  }
+}
+
+template <typename T, int kD>
+cudaError_t run_prefix_backward_impl(const PrefixBwdParams& p, cudaStream_t stream) {
+  using Tr = BwdTraits<kD>;
+  constexpr int smem = Tr::template smem_bytes<T>();
+  auto kernel = prefix_backward_kernel<T, kD>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(p.row_blocks, p.heads_kv), Tr::kThreads, smem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.dpk_partial == nullptr) return err;
+  const int64_t total = int64_t(p.heads_kv) * p.prefix_len * p.head_dim;
+  const int threads = 256;
+  const int blocks = static_cast<int>((total + threads - 1) / threads);
+  prefix_reduce_kernel<T, kD><<<blocks, threads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace prefix
+
+// The entry point declared in prefix_params.h, explicitly instantiated in prefix_bwd_d*.cu.
+template <typename T, int kD>
+cudaError_t run_prefix_backward(const PrefixBwdParams& p, cudaStream_t stream) {
+  return prefix::run_prefix_backward_impl<T, kD>(p, stream);
+}
+
+}  // namespace fastpeft
