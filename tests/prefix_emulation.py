@@ -47,6 +47,11 @@ def _grads(dout, q, k, v, scores, out, lse, scale):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _check_head_dim_contiguous(*tensors):
+    for t in tensors:
+        assert t.stride(-1) == 1, f"the fused kernels need a unit stride along the head dim, got {t.stride()}"
+
+
 class EmulatedAten:
     def __init__(self):
         self.calls = []
@@ -55,7 +60,8 @@ class EmulatedAten:
 
     def flash_forward(self, q, k, v, causal, scale):
         self.calls.append("flash_forward")
-        assert q.shape[1] % k.shape[1] == 0 and q.stride(-1) == 1 and k.stride(-1) == 1
+        assert q.shape[1] % k.shape[1] == 0
+        _check_head_dim_contiguous(q, k, v)
         scores = _scores(q, k, None, "bottom-right" if causal else None, scale)
         lse = torch.logsumexp(scores, -1)
         empty = torch.isinf(lse)
@@ -66,15 +72,18 @@ class EmulatedAten:
 
     def flash_backward(self, dout, q, k, v, out, lse, causal, scale):
         self.calls.append("flash_backward")
+        _check_head_dim_contiguous(dout, q, k, v, out)
         assert lse.shape == q.shape[:3], f"flash takes an unpadded LSE {tuple(q.shape[:3])}, got {tuple(lse.shape)}"
         assert torch.isfinite(lse).all(), "the merged LSE is finite (the prefix is visible to every row)"
         scores = _scores(q, k, None, "bottom-right" if causal else None, scale)
-        return _grads(dout, q, k, v, scores, out, lse, scale)
+        # Like FA2 in PyTorch, gradients take their input's strides (empty_like), not necessarily contiguous.
+        return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), _grads(dout, q, k, v, scores, out, lse, scale)))
 
     # -------------------------------------------------------------------------------------------- efficient
 
     @staticmethod
     def _check_efficient(q, k, bias, causal):
+        _check_head_dim_contiguous(q, k)
         assert q.shape[1] == k.shape[1], "the glue must not rely on GQA support of the efficient kernel"
         if causal:
             assert q.shape[2] == k.shape[2], "the efficient kernel's causal flag is top-left: only for T == S"
@@ -105,4 +114,6 @@ class EmulatedAten:
         assert torch.isfinite(lse).all()
         scores = _scores(q, k, bias, "top-left" if causal else None, scale)
         grads = _grads(dout, q, k, v, scores, out, lse, scale)
-        return tuple(g if n else None for g, n in zip(grads, needs))
+        # Like the efficient kernel, gradients come in [B, T, H, D] memory (meta: empty_permuted(..., (0, 2, 1, 3))).
+        bshd = tuple(torch.empty_permuted(g.shape, (0, 2, 1, 3), dtype=g.dtype).copy_(g) for g in grads)
+        return tuple(g if n else None for g, n in zip(bshd, needs))

@@ -285,15 +285,19 @@ def test_composition_returns_only_needed_gradients(backend, needs):
 
 
 def test_composition_with_strided_inputs():
-    """q in the [B, T, H, D] memory layout transformers uses, as a [B, H, T, D] view."""
+    """q in the [B, T, H, D] memory layout transformers uses, as a [B, H, T, D] view; v with a strided head dim
+    (the kernels need it contiguous: the glue copies). Gradients come back contiguous, as the op's fake says."""
     args = make_inputs(hq=4, hkv=2, t=5, s=5)
     args["q"] = randn(2, 5, 4, 8).transpose(1, 2)
+    args["v"] = randn(2, 2, 8, 5).transpose(2, 3)
     dout = randn(2, 5, 4, 8).transpose(1, 2)
     for backend, mask in (("flash", None), ("efficient", padding_mask(2, 5, [5, 2]))):
         out, _, grads, _ = run_composition(backend, args, mask, True, 0.3, dout)
         expected_out, _, expected = expected_grads(args, mask, True, 0.3, dout)
         torch.testing.assert_close(out, expected_out, rtol=1e-10, atol=1e-10)
+        assert out.is_contiguous()
         for g, e in zip(grads, expected):
+            assert g.is_contiguous()
             torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
 
 
@@ -302,3 +306,18 @@ def test_public_op_still_runs_the_reference_on_cpu():
     args = make_inputs(dtype=torch.float32)
     out = fastpeft.prefix_attention(**args, causal=True)
     torch.testing.assert_close(out.double(), concat_attention64(**args, causal=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not fastpeft.extension_loaded(), reason="needs the compiled extension (fastpeft._C)")
+def test_kernels_are_registered_with_the_schemas_the_glue_calls():
+    """`CudaPrefixKernels` calls these two ops positionally: their schemas must stay as written here."""
+    expected = {
+        "prefix_forward": "fastpeft_cuda::prefix_forward(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor? out_main, "
+        "Tensor? lse_main, float scale) -> (Tensor, Tensor)",
+        "prefix_backward": "fastpeft_cuda::prefix_backward(Tensor dout, Tensor q, Tensor prefix_k, Tensor prefix_v, "
+        "Tensor out, Tensor lse, Tensor? dq_main, float scale, bool need_dq, bool need_dprefix) "
+        "-> (Tensor, Tensor, Tensor)",
+    }
+    for name, schema in expected.items():
+        assert str(getattr(torch.ops.fastpeft_cuda, name).default._schema) == schema
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastpeft_cuda::{name}", "CUDA")

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "bindings/torch_utils.h"
 #include "prefix/prefix_params.h"
@@ -116,12 +117,13 @@ std::tuple<at::Tensor, at::Tensor> prefix_forward(const at::Tensor& q_in, const 
   return {out, lse};
 }
 
-// dq (when given) is updated in place: dq += prefix part. Returns (dprefix_k, dprefix_v), empty unless need_dprefix.
-std::tuple<at::Tensor, at::Tensor> prefix_backward(const at::Tensor& dout_in, const at::Tensor& q_in,
-                                                   const at::Tensor& prefix_k, const at::Tensor& prefix_v,
-                                                   const at::Tensor& out_in, const at::Tensor& lse_in,
-                                                   const std::optional<at::Tensor>& dq, double scale,
-                                                   bool need_dprefix) {
+// (dq, dprefix_k, dprefix_v): dq = dq_main (None: zero) + the prefix part, contiguous, empty unless need_dq;
+// dprefix_k, dprefix_v [Hkv, L, D] summed over the batch, empty unless need_dprefix.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward(const at::Tensor& dout_in, const at::Tensor& q_in,
+                                                               const at::Tensor& prefix_k, const at::Tensor& prefix_v,
+                                                               const at::Tensor& out_in, const at::Tensor& lse_in,
+                                                               const std::optional<at::Tensor>& dq_main_in,
+                                                               double scale, bool need_dq, bool need_dprefix) {
   const auto [batch, heads_q, steps, head_dim, heads_kv, prefix_len] = check_common(kBwdOp, q_in, prefix_k, prefix_v);
   const DType dtype = half_dtype(q_in, kBwdOp, "q");
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"dout", dout_in}, {"out", out_in}}) {
@@ -133,23 +135,25 @@ std::tuple<at::Tensor, at::Tensor> prefix_backward(const at::Tensor& dout_in, co
                   lse_in.device() == q_in.device(),
               kBwdOp, ": 'lse' must be float32 ", q_in.sizes().slice(0, 3), ", got ", lse_in.sizes(), " ",
               lse_in.scalar_type());
-  if (dq.has_value()) {
-    TORCH_CHECK(dq->sizes() == q_in.sizes() && dq->scalar_type() == q_in.scalar_type() && dq->device() == q_in.device(),
-                kBwdOp, ": 'dq' must be ", q_in.sizes(), " ", q_in.scalar_type(), ", got ", dq->sizes(), " ",
-                dq->scalar_type());
-    // Updated in place, so it cannot be copied: it must already have the layout the kernel writes.
-    TORCH_CHECK(dq->stride(-1) == 1 && aligned(*dq, 4) && dq->stride(0) % 2 == 0 && dq->stride(1) % 2 == 0 &&
-                    dq->stride(2) % 2 == 0,
-                kBwdOp, ": 'dq' must have a contiguous last dim and even strides, got strides ", dq->strides());
+  if (dq_main_in.has_value()) {
+    TORCH_CHECK(dq_main_in->sizes() == q_in.sizes() && dq_main_in->scalar_type() == q_in.scalar_type() &&
+                    dq_main_in->device() == q_in.device(),
+                kBwdOp, ": 'dq_main' must be ", q_in.sizes(), " ", q_in.scalar_type(), ", got ", dq_main_in->sizes(),
+                " ", dq_main_in->scalar_type());
   }
   c10::cuda::CUDAGuard guard(q_in.device());
-  at::Tensor dprefix_k = need_dprefix ? at::zeros(prefix_k.sizes(), prefix_k.options()) : at::empty({0}, q_in.options());
-  at::Tensor dprefix_v = need_dprefix ? at::zeros(prefix_v.sizes(), prefix_v.options()) : at::empty({0}, q_in.options());
-  if ((!dq.has_value() && !need_dprefix) || batch * heads_q * steps == 0) return {dprefix_k, dprefix_v};
+  const auto options = q_in.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dq = need_dq ? at::empty(q_in.sizes(), options) : at::empty({0}, options);
+  at::Tensor dprefix_k = need_dprefix ? at::zeros(prefix_k.sizes(), options) : at::empty({0}, options);
+  at::Tensor dprefix_v = need_dprefix ? at::zeros(prefix_v.sizes(), options) : at::empty({0}, options);
+  if (!need_dq && !need_dprefix) return {dq, dprefix_k, dprefix_v};
+  if (batch * heads_q * steps == 0) return {dq, dprefix_k, dprefix_v};  // dq is empty too; dprefix stays zero
 
   const at::Tensor q = vector_loadable(q_in), dout = vector_loadable(dout_in);
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
   const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
+  at::Tensor dq_main;
+  if (need_dq && dq_main_in.has_value()) dq_main = dq_main_in->stride(-1) == 1 ? *dq_main_in : dq_main_in->contiguous();
   const int bucket = prefix_head_dim_bucket(static_cast<int>(head_dim));
   const int chunks = prefix_bwd_chunks(static_cast<int>(prefix_len), static_cast<int>(head_dim));
   const int row_blocks = prefix_row_blocks(batch, heads_q, heads_kv, steps, sm_count(q));
@@ -165,9 +169,12 @@ std::tuple<at::Tensor, at::Tensor> prefix_backward(const at::Tensor& dout_in, co
   p.prefix_k = pk.data_ptr(), p.prefix_v = pv.data_ptr();
   p.out = out.data_ptr(), p.lse = lse.data_ptr<float>();
   at::Tensor dq_accum, dpk_partial, dpv_partial;
-  if (dq.has_value()) {
-    p.dq = dq->data_ptr();
-    p.dq_stride_b = dq->stride(0), p.dq_stride_h = dq->stride(1), p.dq_stride_t = dq->stride(2);
+  if (need_dq) {
+    p.dq = dq.data_ptr();
+    if (dq_main.defined()) {
+      p.dq_main = dq_main.data_ptr();
+      p.dqm_stride_b = dq_main.stride(0), p.dqm_stride_h = dq_main.stride(1), p.dqm_stride_t = dq_main.stride(2);
+    }
     if (chunks > 1) {
       dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // every element written by chunk 0 first
       p.dq_accum = dq_accum.data_ptr<float>();
@@ -183,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_backward(const at::Tensor& dout_in, co
   }
   p.row_blocks = row_blocks;
   check_cuda_launch(launch_prefix_backward(p, at::cuda::getCurrentCUDAStream()), kBwdOp);
-  return {dprefix_k, dprefix_v};
+  return {dq, dprefix_k, dprefix_v};
 }
 
 }  // namespace
@@ -194,7 +201,7 @@ TORCH_LIBRARY_FRAGMENT(fastpeft_cuda, m) {
       "-> (Tensor, Tensor)");
   m.def(
       "prefix_backward(Tensor dout, Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor out, Tensor lse, "
-      "Tensor(a!)? dq, float scale, bool need_dprefix) -> (Tensor, Tensor)");
+      "Tensor? dq_main, float scale, bool need_dq, bool need_dprefix) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastpeft_cuda, CUDA, m) {

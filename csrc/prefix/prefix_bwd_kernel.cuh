@@ -10,8 +10,8 @@
 // - Per row tile (64 rows; warp w computes rows 16w .. 16w+15): S = Q P_k^T and dP = dO P_v^T (mma), P = exp(S - L)
 //   with the merged L, dS = P (dP - D) with D = rowsum(dO * O) of the merged O. P^T and dS^T go to shared memory;
 //   then every warp accumulates its (16 keys x 64 dims) block of dP_v += P^T dO and dP_k += dS^T Q (mma).
-// - dq: each warp computes its rows' dS P_k (mma) and adds it to dq. An element of dq belongs to exactly one thread
-//   of one block, so the read-modify-write needs no atomics. With one chunk (L <= kChunk) it is
+// - dq: each warp computes its rows' dS P_k (mma), adds the main part's dq and writes dq. An element of dq belongs to
+//   exactly one thread of one block, so no atomics. With one chunk (L <= kChunk) it is
 //   dq = round(dq_main + scale dS P_k), one pass; with several chunks the sum runs in float32 in `dq_accum` and the
 //   last chunk rounds it once (the rows are then visited once per chunk).
 #pragma once
@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
         uint32_t ds_frag[kNT / 2][4];
         accumulator_to_a<T, kNT / 2>(ds_frag, s);
         // dq rows of this thread: g and g + 8 of the warp's 16.
-        int64_t dq_off[2], acc_off[2];
+        int64_t main_off[2], row_off[2];
         bool valid[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -187,9 +187,10 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
           valid[i] = row < rows_total;
           int b = 0, hq = 0, t = 0;
           if (valid[i]) decode(row, b, hq, t);
-          dq_off[i] = b * p.dq_stride_b + hq * p.dq_stride_h + t * p.dq_stride_t;
-          acc_off[i] = ((int64_t(b) * p.heads_q + hq) * p.steps + t) * p.head_dim;
+          main_off[i] = b * p.dqm_stride_b + hq * p.dqm_stride_h + t * p.dqm_stride_t;
+          row_off[i] = ((int64_t(b) * p.heads_q + hq) * p.steps + t) * p.head_dim;  // dq and dq_accum
         }
+        const T* dq_main = static_cast<const T*>(p.dq_main);
         T* dq = static_cast<T*>(p.dq);
         for (int d0 = 0; d0 < kD; d0 += 64) {  // 64 dims at a time: 32 accumulators
           float acc[8][4];
@@ -204,19 +205,20 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
             for (int i = 0; i < 2; ++i) {
               if (!valid[i]) continue;
               const float v0 = acc[dt][2 * i] * p.scale, v1 = acc[dt][2 * i + 1] * p.scale;
-              uint32_t* dq_pair = reinterpret_cast<uint32_t*>(dq + dq_off[i] + d);
-              float2* accum = p.dq_accum != nullptr ? reinterpret_cast<float2*>(p.dq_accum + acc_off[i] + d) : nullptr;
-              float2 sum;
+              float2* accum = p.dq_accum != nullptr ? reinterpret_cast<float2*>(p.dq_accum + row_off[i] + d) : nullptr;
+              float2 sum = make_float2(v0, v1);
               if (chunk == 0) {  // start from the main part's dq
-                const T* old = dq + dq_off[i] + d;
-                sum = make_float2(to_compute(old[0]) + v0, to_compute(old[1]) + v1);
+                if (dq_main != nullptr) {
+                  sum.x += to_compute(dq_main[main_off[i] + d]);
+                  sum.y += to_compute(dq_main[main_off[i] + d + 1]);
+                }
               } else {  // accum holds main + the previous chunks, in float32
-                sum = *accum;
-                sum.x += v0;
-                sum.y += v1;
+                const float2 before = *accum;
+                sum.x += before.x;
+                sum.y += before.y;
               }
               if (chunk == num_chunks - 1) {
-                *dq_pair = pack2<T>(sum.x, sum.y);  // the one rounding
+                *reinterpret_cast<uint32_t*>(dq + row_off[i] + d) = pack2<T>(sum.x, sum.y);  // the one rounding
               } else {
                 *accum = sum;
               }

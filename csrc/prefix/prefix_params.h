@@ -17,7 +17,8 @@
 // - The merge: O = O_main + sigmoid(L_pre - L_main) (O_pre - O_main), L = logaddexp(L_main, L_pre) (PAPER.md 3).
 // - Backward (the ring-attention recipe): the prefix probabilities are recomputed against the *merged* LSE,
 //   P = exp(scale * q . p_k - L), and D = rowsum(dO * O) uses the *merged* output, so that the prefix part of every
-//   gradient is exact: dS = P * (dO . p_v - D), dq += scale * dS P_k, dP_k = scale * dS^T q, dP_v = P^T dO.
+//   gradient is exact: dS = P * (dO . p_v - D), dq = dq_main + scale * dS P_k, dP_k = scale * dS^T q,
+//   dP_v = P^T dO.
 #pragma once
 
 #include <cstdint>
@@ -73,10 +74,12 @@ struct PrefixBwdParams {
   const void* out = nullptr;  // merged output [B, Hq, T, D] contiguous
   const float* lse = nullptr; // merged LSE [B, Hq, T] contiguous float32
 
-  // dq [B, Hq, T, D] (last dim contiguous, even strides): holds the main part's dq on entry; the kernel adds the
-  // prefix part in place (one rounding of main + prefix). nullptr when dq is not needed.
+  // dq_main [B, Hq, T, D] (last dim contiguous, any other strides): the main part's dq, read once; nullptr when
+  // there is none (no main keys: zero). dq [B, Hq, T, D] contiguous: written with dq_main + the prefix part (one
+  // rounding); nullptr when dq is not needed.
+  const void* dq_main = nullptr;
+  int64_t dqm_stride_b = 0, dqm_stride_h = 0, dqm_stride_t = 0;
   void* dq = nullptr;
-  int64_t dq_stride_b = 0, dq_stride_h = 0, dq_stride_t = 0;
   // With more than one prefix chunk, dq's sum over chunks is kept in float32 here ([B, Hq, T, D] contiguous) and
   // rounded once, by the last chunk. nullptr with one chunk.
   float* dq_accum = nullptr;

@@ -14,8 +14,9 @@ Forward, for q [B, Hq, T, D], k/v [B, Hkv, S, D], prefix_k/prefix_v [Hkv, L, D]:
 Backward (ring-attention recipe: every part's backward with the merged O and merged L):
 
 1. Main part: the same backend's backward op gives dq_main, dk, dv.
-2. One fused kernel (`torch.ops.fastpeft_cuda.prefix_backward`) adds the prefix part of dq into dq in place and
-   gives dP_k, dP_v summed over the batch and the query heads of each group, deterministically.
+2. One fused kernel (`torch.ops.fastpeft_cuda.prefix_backward`) reads the main part's dq, adds the prefix part and
+   writes dq (one pass), and gives dP_k, dP_v summed over the batch and the query heads of each group,
+   deterministically.
 
 Dispatch (`plan`) sends what the kernels do not cover to the reference path with a one-time notice: float64, head
 dims outside 32..256 or not a multiple of 8, private-op schemas that do not match. The composition functions take
@@ -142,6 +143,11 @@ def query_group(t: Tensor, groups: int, g: int) -> Tensor:
 # ------------------------------------------------------------------------------------------------ main attention
 
 
+def last_dim_contiguous(t: Tensor) -> Tensor:
+    """Both fused kernels need a unit stride along the head dim (any other strides are fine)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def main_forward(raw, backend: str, q, k, v, attn_mask, causal: bool, scale: float):
     """(O_main [B, Hq, T, D], L_main [B, Hq, T] fp32, possibly strided views) by the chosen backend.
 
@@ -151,6 +157,7 @@ def main_forward(raw, backend: str, q, k, v, attn_mask, causal: bool, scale: flo
     """
     batch, hq, t, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     if backend == "flash":
         return raw.flash_forward(q, k, v, causal, scale)
     groups = hq // hkv
@@ -171,6 +178,7 @@ def main_backward(raw, backend: str, dout, q, k, v, attn_mask, out, lse, causal:
     """(dq, dk, dv) of the main part, from the merged out and lse. needs = (dq, dk, dv) wanted."""
     batch, hq, t, _ = q.shape
     hkv, s = k.shape[1], k.shape[2]
+    dout, q, k, v, out = (last_dim_contiguous(x) for x in (dout, q, k, v, out))
     if backend == "flash":
         return raw.flash_backward(dout, q, k, v, out, lse, causal, scale)
     groups = hq // hkv
@@ -215,27 +223,22 @@ def compose_forward(raw, prefix, p: Plan, q, k, v, prefix_k, prefix_v, attn_mask
 def compose_backward(raw, prefix, p: Plan, dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, scale,
                      needs):
     """The op's backward on a non-reference plan: the main part's backward with the merged (out, lse), then the
-    fused prefix kernel adds the prefix part of dq into dq and gives dprefix_k, dprefix_v."""
+    fused prefix kernel reads the main part's dq, adds the prefix part (one pass, one rounding) and gives
+    dprefix_k, dprefix_v. Every gradient comes back contiguous, as the op's fake implementation says."""
     need_q, need_k, need_v, need_pk, need_pv = (bool(n) for n in needs)
-    dq = dk = dv = None
+    dq_main = dk = dv = None
     if p.main != "none" and (need_q or need_k or need_v):
-        dq, dk, dv = main_backward(raw, p.main, dout, q, k, v, attn_mask, out, lse, causal, scale,
-                                   (need_q, need_k, need_v))
-    if need_q:
-        # The prefix kernel adds into dq in place: start from the main part (a fresh tensor), or zeros.
-        dq = torch.zeros_like(q) if dq is None else dq
-    else:
-        dq = None
-    if need_k and dk is None:
-        dk = torch.zeros_like(k)
-    if need_v and dv is None:
-        dv = torch.zeros_like(v)
+        dq_main, dk, dv = main_backward(raw, p.main, dout, q, k, v, attn_mask, out, lse, causal, scale,
+                                        (need_q, need_k, need_v))
+    dq = dpk = dpv = None
     if need_q or need_pk or need_pv:
-        dpk, dpv = prefix.backward(dout, q, prefix_k, prefix_v, out, lse, dq, scale, need_pk or need_pv)
-    else:
-        dpk = dpv = None
+        dq, dpk, dpv = prefix.backward(dout, q, prefix_k, prefix_v, out, lse, dq_main if need_q else None, scale,
+                                       need_q, need_pk or need_pv)
+    # No main keys: the main part of dk, dv is zero-sized anyway ([B, Hkv, 0, D]).
+    dk = (torch.zeros_like(k) if dk is None else dk.contiguous()) if need_k else None
+    dv = (torch.zeros_like(v) if dv is None else dv.contiguous()) if need_v else None
     empty = q.new_empty(0)
-    return tuple(g if (n and g is not None) else empty for g, n in zip((dq, dk, dv, dpk, dpv), needs))
+    return tuple(g if n else empty for g, n in zip((dq, dk, dv, dpk, dpv), (need_q, need_k, need_v, need_pk, need_pv)))
 
 
 class CudaPrefixKernels:
@@ -244,10 +247,10 @@ class CudaPrefixKernels:
     def forward(self, q, prefix_k, prefix_v, o_main, l_main, scale):
         return torch.ops.fastpeft_cuda.prefix_forward(q, prefix_k, prefix_v, o_main, l_main, scale)
 
-    def backward(self, dout, q, prefix_k, prefix_v, out, lse, dq, scale, need_dprefix):
-        dpk, dpv = torch.ops.fastpeft_cuda.prefix_backward(dout, q, prefix_k, prefix_v, out, lse, dq, scale,
-                                                          need_dprefix)
-        return (dpk, dpv) if need_dprefix else (None, None)
+    def backward(self, dout, q, prefix_k, prefix_v, out, lse, dq_main, scale, need_dq, need_dprefix):
+        dq, dpk, dpv = torch.ops.fastpeft_cuda.prefix_backward(dout, q, prefix_k, prefix_v, out, lse, dq_main, scale,
+                                                              need_dq, need_dprefix)
+        return (dq if need_dq else None), (dpk if need_dprefix else None), (dpv if need_dprefix else None)
 
 
 _RAW = _sdpa_lse.AtenAttention()

@@ -1,7 +1,7 @@
 """The prefix part of prefix attention in plain PyTorch, with the exact semantics of the fused CUDA kernels.
 
 `TorchPrefixKernels` has the interface of `_prefix_cuda.CudaPrefixKernels` (forward: prefix attention and the gated
-merge; backward: dq += prefix part, dprefix_k, dprefix_v). It runs
+merge; backward: dq = dq_main + prefix part, dprefix_k, dprefix_v). It runs
 
 - the float32 prefix part on the GPU (the fused kernels use bf16/fp16 tensor cores; float32 must match eager
   float32 matmuls, so it goes through cuBLAS here, with the main attention still on the efficient kernel), and
@@ -63,7 +63,8 @@ class TorchPrefixKernels:
         out, lse = merge_with_conventions(main, lm, o_pre, l_pre)
         return out.to(q.dtype).contiguous(), lse.contiguous()
 
-    def backward(self, dout, q, prefix_k, prefix_v, out, lse, dq, scale, need_dprefix):
+    def backward(self, dout, q, prefix_k, prefix_v, out, lse, dq_main, scale, need_dq, need_dprefix):
+        """(dq, dprefix_k, dprefix_v): dq = dq_main (None: zero) + the prefix part, contiguous; None when not needed."""
         batch, hq, steps, _ = q.shape
         hkv = prefix_k.shape[0]
         cdt = reference.compute_dtype(q.dtype)
@@ -74,10 +75,14 @@ class TorchPrefixKernels:
         # Probabilities against the merged lse: the prefix keys' share of the whole softmax.
         p = torch.exp(qf.bmm(pk.transpose(1, 2)) * scale - fold_rows(lse.to(cdt), hkv).unsqueeze(-1))
         ds = p * (dof.bmm(pv.transpose(1, 2)) - delta)
-        if dq is not None:
-            dq.add_(unfold_rows(ds.bmm(pk) * scale, batch, hq, steps).to(dq.dtype))
+        dq = None
+        if need_dq:
+            dq = unfold_rows(ds.bmm(pk) * scale, batch, hq, steps)
+            if dq_main is not None:
+                dq = dq + dq_main.to(cdt)
+            dq = dq.to(q.dtype).contiguous()
         if not need_dprefix:
-            return None, None
+            return dq, None, None
         dpk = ds.transpose(1, 2).bmm(qf) * scale
         dpv = p.transpose(1, 2).bmm(dof)
-        return dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+        return dq, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)

@@ -186,17 +186,21 @@ def test_small_kernels_follow_the_torch_semantics(length):
     torch.testing.assert_close(out.float(), ref_out, rtol=2e-2, atol=2e-2)
 
     dout = torch.randn_like(out)
-    dq = torch.randn_like(q)
-    dq_ref = dq.float().clone()
-    dpk, dpv = torch.ops.fastpeft_cuda.prefix_backward(dout, q, pk, pv, out, lse, dq, 0.2, True)
-    ref_dpk, ref_dpv = TorchPrefixKernels().backward(dout.float(), q.float(), pk.float(), pv.float(), out.float(),
-                                                     lse, dq_ref, 0.2, True)
-    torch.testing.assert_close(dq.float(), dq_ref, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(dpk.float(), ref_dpk, rtol=2e-2, atol=5e-2)
-    torch.testing.assert_close(dpv.float(), ref_dpv, rtol=2e-2, atol=5e-2)
-    # Without dq and without prefix gradients the kernel does nothing and returns empty tensors.
-    e_k, e_v = torch.ops.fastpeft_cuda.prefix_backward(dout, q, pk, pv, out, lse, None, 0.2, False)
-    assert e_k.numel() == 0 and e_v.numel() == 0
+    # dq_main in [B, T, H, D] memory (as flash returns it for such a q): read with its strides.
+    dq_main = torch.randn(b, t, hq, d, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    dq, dpk, dpv = torch.ops.fastpeft_cuda.prefix_backward(dout, q, pk, pv, out, lse, dq_main, 0.2, True, True)
+    ref = TorchPrefixKernels().backward(dout.float(), q.float(), pk.float(), pv.float(), out.float(), lse,
+                                        dq_main.float(), 0.2, True, True)
+    assert dq.is_contiguous() and dq.dtype == torch.bfloat16
+    for name, got, want in zip(("dq", "dprefix_k", "dprefix_v"), (dq, dpk, dpv), ref):
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2, msg=lambda m: f"{name}: {m}")
+    # No main part: dq is the prefix part alone; nothing asked: empty results.
+    dq0, _, _ = torch.ops.fastpeft_cuda.prefix_backward(dout, q, pk, pv, out, lse, None, 0.2, True, False)
+    ref0 = TorchPrefixKernels().backward(dout.float(), q.float(), pk.float(), pv.float(), out.float(), lse, None,
+                                         0.2, True, False)
+    torch.testing.assert_close(dq0.float(), ref0[0], rtol=2e-2, atol=5e-2)
+    empty = torch.ops.fastpeft_cuda.prefix_backward(dout, q, pk, pv, out, lse, None, 0.2, False, False)
+    assert all(e.numel() == 0 for e in empty)
 
 
 def test_small_no_main_keys_and_float32():
