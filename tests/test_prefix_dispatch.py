@@ -321,3 +321,25 @@ def test_kernels_are_registered_with_the_schemas_the_glue_calls():
     for name, schema in expected.items():
         assert str(getattr(torch.ops.fastpeft_cuda, name).default._schema) == schema
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastpeft_cuda::{name}", "CUDA")
+
+
+@pytest.mark.parametrize("backend", ["flash", "efficient"])
+@pytest.mark.parametrize("heads", ["mha", "gqa"])
+def test_glue_calls_the_installed_private_ops_with_valid_arguments(backend, heads):
+    """The real aten calls (`AtenAttention`) through the glue, on meta tensors: the arguments parse against the
+    installed schemas and the results have the shapes the glue expects (flash LSE [B, Hq, T], efficient padded)."""
+    hq, hkv = HEADS[heads]
+    b, t, s, d, length = 2, 37, 37, 64, 5
+
+    def meta(*shape):
+        return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
+
+    q, k, v = meta(b, hq, t, d), meta(b, hkv, s, d), meta(b, hkv, s, d)
+    mask = torch.ones(b, 1, 1, s, dtype=torch.bool, device="meta") if backend == "efficient" else None
+    raw = _sdpa_lse.AtenAttention()
+    o_main, l_main = _prefix_cuda.main_forward(raw, backend, q, k, v, mask, True, 0.125)
+    assert o_main.shape == q.shape and l_main.shape == (b, hq, t) and l_main.dtype == torch.float32
+    out, lse = meta(b, hq, t, d), torch.empty(b, hq, t, device="meta")
+    dq, dk, dv = _prefix_cuda.main_backward(raw, backend, meta(b, hq, t, d), q, k, v, mask, out, lse, True, 0.125,
+                                            (True, True, True))
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
