@@ -3,8 +3,9 @@
 Forward, for q [B, Hq, T, D], k/v [B, Hkv, S, D], prefix_k/prefix_v [Hkv, L, D]:
 
 1. Main attention over the S keys by one of PyTorch's fused kernels that return the log-sum-exp
-   (`fastpeft/ops/_sdpa_lse.py`): flash without a mask, memory-efficient with an additive bias (padding masks,
-   float32). Gives (O_main, L_main).
+   (`fastpeft/ops/_sdpa_lse.py`): flash without a mask (grouped-query attention native), memory-efficient with an
+   additive bias (masks, float32; one call per query group under GQA, no [B, Hq, S, D] copy of k, v).
+   Gives (O_main, L_main).
 2. One fused kernel for the prefix (`torch.ops.fastpeft_cuda.prefix_forward`, csrc/prefix/; float32 runs the same
    math as cuBLAS products, `_prefix_torch.py`): prefix scores
    q P_k^T * scale, their softmax and log-sum-exp L_pre, O_pre = softmax · P_v, and the gated merge
@@ -13,7 +14,8 @@ Forward, for q [B, Hq, T, D], k/v [B, Hkv, S, D], prefix_k/prefix_v [Hkv, L, D]:
 
 Backward (ring-attention recipe: every part's backward with the merged O and merged L):
 
-1. Main part: the same backend's backward op gives dq_main, dk, dv.
+1. Main part: a backend's backward op gives dq_main, dk, dv (flash, or efficient where FA2's backward does not
+   take the head dim on this GPU; both accept the merged O and L).
 2. One fused kernel (`torch.ops.fastpeft_cuda.prefix_backward`) reads the main part's dq, adds the prefix part and
    writes dq (one pass), and gives dP_k, dP_v summed over the batch and the query heads of each group,
    deterministically.
