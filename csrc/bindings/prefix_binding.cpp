@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -156,7 +157,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward(const at::Tensor&
   if (need_dq && dq_main_in.has_value()) dq_main = dq_main_in->stride(-1) == 1 ? *dq_main_in : dq_main_in->contiguous();
   const int bucket = prefix_head_dim_bucket(static_cast<int>(head_dim));
   const int chunks = prefix_bwd_chunks(static_cast<int>(prefix_len), static_cast<int>(head_dim));
-  const int row_blocks = prefix_row_blocks(batch, heads_q, heads_kv, steps, sm_count(q));
+  int row_blocks = prefix_row_blocks(batch, heads_q, heads_kv, steps, sm_count(q));
+  if (need_dprefix) {
+    // Fewer row blocks when their float32 partial sums of dprefix_k, dprefix_v would pass kPartialBudget (long
+    // prefixes): less parallelism, bounded memory. Still a function of shapes and GPU only (deterministic).
+    constexpr int64_t kPartialBudget = int64_t(256) << 20;
+    const int64_t per_block = 2 * heads_kv * int64_t(chunks) * prefix_bwd_chunk(bucket) * bucket * 4;
+    row_blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(row_blocks, kPartialBudget / per_block)));
+  }
 
   PrefixBwdParams p;
   p.dtype = dtype;
