@@ -18,6 +18,9 @@
 // Shared-memory layouts: every tile is row-major with a row stride ("ld", in elements) of (columns + 8). The 8
 // padding elements (16 bytes) shift consecutive rows by 4 banks, so the 8 rows x 4 column pairs a warp reads at once
 // fall in 32 different banks (columns are multiples of 64 for the head-dim tiles, ld/2 = 4 mod 32 words).
+//
+// FASTPEFT_HOST_EMULATION: the CPU tests compile these kernels as host code (tests/emulation/), with a software
+// mma that reads the fragments of the 32 lanes by the layout above; nothing else changes.
 #pragma once
 
 #include <cstdint>
@@ -36,19 +39,37 @@ __device__ __forceinline__ int lane_c() { return threadIdx.x % 4; }
 // d += a * b for one m16n8k16 tile.
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                                           const __nv_bfloat16*) {
+#if defined(FASTPEFT_HOST_EMULATION)
+  emulation::mma_16816(d, a, b, /*bf16=*/true);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
                                           const __half*) {
+#if defined(FASTPEFT_HOST_EMULATION)
+  emulation::mma_16816(d, a, b, /*bf16=*/false);
+#else
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// The kernel's dynamic shared memory (16-byte aligned).
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+#if defined(FASTPEFT_HOST_EMULATION)
+  return emulation::block_shared_memory();
+#else
+  extern __shared__ __align__(16) unsigned char smem[];
+  return smem;
+#endif
 }
 
 // Two floats rounded to T and packed (lo in the low 16 bits).

@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
   constexpr int kRows = Tr::kRows, kChunk = Tr::kChunk, kLd = Tr::kLd, kLdT = Tr::kLdT;
   constexpr int kNT = kChunk / 8;  // n-tiles of S and dP (keys)
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   T* q_s = reinterpret_cast<T*>(smem_raw);  // [kRows][kLd]
   T* do_s = q_s + kRows * kLd;              // [kRows][kLd]
   T* pk_s = do_s + kRows * kLd;             // [kChunk][kLd]
@@ -278,6 +278,7 @@ __global__ void prefix_reduce_kernel(const PrefixBwdParams p) {
   }
 }
 
+#if !defined(FASTPEFT_HOST_EMULATION)
 template <typename T, int kD>
 cudaError_t run_prefix_backward_impl(const PrefixBwdParams& p, cudaStream_t stream) {
   using Tr = BwdTraits<kD>;
@@ -295,12 +296,16 @@ cudaError_t run_prefix_backward_impl(const PrefixBwdParams& p, cudaStream_t stre
   return cudaGetLastError();
 }
 
+#endif  // !FASTPEFT_HOST_EMULATION
+
 }  // namespace prefix
 
+#if !defined(FASTPEFT_HOST_EMULATION)
 // The entry point declared in prefix_params.h, explicitly instantiated in prefix_bwd_d*.cu.
 template <typename T, int kD>
 cudaError_t run_prefix_backward(const PrefixBwdParams& p, cudaStream_t stream) {
   return prefix::run_prefix_backward_impl<T, kD>(p, stream);
 }
+#endif
 
 }  // namespace fastpeft

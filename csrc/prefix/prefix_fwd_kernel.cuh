@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) prefix_forward_kernel
   constexpr int kNT = kChunk / 8;  // n-tiles of S (keys)
   constexpr int kDT = kD / 8;      // n-tiles of O (head dim)
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_smem();
   T* q_s = reinterpret_cast<T*>(smem_raw);  // [kRows][kLd]
   T* pk_s = q_s + kRows * kLd;              // [kChunk][kLd], P_k rows j0 .. j0 + kChunk - 1
   T* pv_s = pk_s + kChunk * kLd;            // [kChunk][kLd]
@@ -187,6 +187,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) prefix_forward_kernel
   }
 }
 
+#if !defined(FASTPEFT_HOST_EMULATION)
 template <typename T, int kD>
 cudaError_t run_prefix_forward_impl(const PrefixFwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<kD>;
@@ -199,12 +200,16 @@ cudaError_t run_prefix_forward_impl(const PrefixFwdParams& p, cudaStream_t strea
   return cudaGetLastError();
 }
 
+#endif  // !FASTPEFT_HOST_EMULATION
+
 }  // namespace prefix
 
+#if !defined(FASTPEFT_HOST_EMULATION)
 // The entry point declared in prefix_params.h, explicitly instantiated in prefix_fwd_d*.cu.
 template <typename T, int kD>
 cudaError_t run_prefix_forward(const PrefixFwdParams& p, cudaStream_t stream) {
   return prefix::run_prefix_forward_impl<T, kD>(p, stream);
 }
+#endif
 
 }  // namespace fastpeft
