@@ -21,9 +21,12 @@ Conventions of the two kernels (the prefix kernel fixes them up, see csrc/prefix
 - efficient (memory-efficient / cutlass): additive bias in q's dtype, 4-D, last dim contiguous, other strides
   multiples of 16 elements (zero strides allowed); `is_causal` is **top-left** aligned (so it is only used when
   T == S, where both alignments agree); LSE [B, H, ceil(T / 32) * 32] float32, natural log, **padded** (entries past T
-  are not written); a row whose keys are all -inf gets LSE -inf and an output we never read. We do not rely on
-  grouped-query attention support: a GQA call runs once per query group (see `RawAttention` users in
-  `fastpeft/ops/_prefix_cuda.py`).
+  are not written); a row whose keys are all -inf gets a non-finite LSE (-inf) and an output we never read. We do
+  not rely on its grouped-query attention support (new in recent releases): a GQA call runs once per query group
+  (`main_forward` / `main_backward` in `fastpeft/ops/_prefix_cuda.py`).
+
+tests/cuda/test_prefix_private_ops_cuda.py checks these conventions on the GPU machine's torch;
+tests/prefix_emulation.py reproduces them for the CPU tests of the glue.
 """
 
 from __future__ import annotations
