@@ -24,11 +24,17 @@ constexpr const char* kBwdOp = "fastpeft_cuda::prefix_backward";
 bool aligned(const at::Tensor& t, int64_t bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
 // A [.., D] tensor whose last dim is contiguous, whose other strides are multiples of 8 elements and whose data is
-// 16-byte aligned (what the kernels' 16-byte loads need); copied to contiguous memory when it is not.
+// 16-byte aligned (what the kernels' 16-byte loads need); copied to fresh (aligned, contiguous) memory when it is
+// not. (A contiguous view at an odd storage offset is not aligned: contiguous() would return it unchanged.)
 at::Tensor vector_loadable(const at::Tensor& t) {
   bool ok = t.stride(-1) == 1 && aligned(t, 16);
   for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.stride(i) % 8 == 0 || t.size(i) == 1);
-  return ok ? t : t.contiguous();
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// prefix_k / prefix_v: the kernels index them as contiguous [Hkv, L, D] with 16-byte loads.
+at::Tensor contiguous_aligned(const at::Tensor& t) {
+  return t.is_contiguous() && aligned(t, 16) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 DType half_dtype(const at::Tensor& t, const char* op, const char* name) {
@@ -79,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_forward(const at::Tensor& q_in, const 
               ": 'out_main' and 'lse_main' are given together (or both None when there are no main keys)");
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = vector_loadable(q_in);
-  const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
+  const at::Tensor pk = contiguous_aligned(prefix_k), pv = contiguous_aligned(prefix_v);
   at::Tensor out_main, lse_main;
   if (out_main_in.has_value()) {
     TORCH_CHECK(out_main_in->sizes() == q.sizes() && out_main_in->scalar_type() == q.scalar_type() &&
@@ -152,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward(const at::Tensor&
 
   const at::Tensor q = vector_loadable(q_in), dout = vector_loadable(dout_in);
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
-  const at::Tensor pk = prefix_k.contiguous(), pv = prefix_v.contiguous();
+  const at::Tensor pk = contiguous_aligned(prefix_k), pv = contiguous_aligned(prefix_v);
   at::Tensor dq_main;
   if (need_dq && dq_main_in.has_value()) dq_main = dq_main_in->stride(-1) == 1 ? *dq_main_in : dq_main_in->contiguous();
   const int bucket = prefix_head_dim_bucket(static_cast<int>(head_dim));
