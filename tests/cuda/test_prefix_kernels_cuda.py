@@ -274,3 +274,29 @@ def test_peak_memory_not_above_concatenation(length, d):
     ours()  # warm-up
     concat()
     assert peak_extra_bytes(ours) <= peak_extra_bytes(concat)
+
+
+def test_small_misaligned_and_strided_inputs():
+    """Contiguous views at an odd storage offset (not 16-byte aligned) and [B, T, H, D] layouts are copied or read
+    with their strides as the kernels need; the result does not depend on the layout."""
+    torch.manual_seed(7)
+    b, hq, hkv, t, length, d = 2, 4, 2, 33, 30, 64
+
+    def odd_offset(*shape):
+        flat = torch.randn(1 + math.prod(shape), device="cuda").to(torch.bfloat16)
+        return flat[1:].view(*shape)
+
+    args = dict(q=odd_offset(b, hq, t, d), k=odd_offset(b, hkv, t, d), v=odd_offset(b, hkv, t, d),
+                prefix_k=odd_offset(hkv, length, d), prefix_v=odd_offset(hkv, length, d))
+    args = {n: a.requires_grad_(True) for n, a in args.items()}
+    out = fastpeft.prefix_attention(**args, causal=True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(args.values()), dout)
+    plain = {n: a.detach().clone().requires_grad_(True) for n, a in args.items()}
+    plain["q"] = plain["q"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    out2 = fastpeft.prefix_attention(**plain, causal=True)
+    grads2 = torch.autograd.grad(out2, list(plain.values()), dout)
+    torch.testing.assert_close(out, out2, rtol=0, atol=0)
+    for g, g2 in zip(grads, grads2):
+        assert g.is_contiguous()
+        torch.testing.assert_close(g, g2, rtol=0, atol=0)
