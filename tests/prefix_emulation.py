@@ -77,7 +77,8 @@ class EmulatedAten:
         assert torch.isfinite(lse).all(), "the merged LSE is finite (the prefix is visible to every row)"
         scores = _scores(q, k, None, "bottom-right" if causal else None, scale)
         # Like FA2 in PyTorch, gradients take their input's strides (empty_like), not necessarily contiguous.
-        return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), _grads(dout, q, k, v, scores, out, lse, scale)))
+        grads = _grads(dout, q, k, v, scores, out, lse, scale)
+        return tuple(torch.empty_like(x).copy_(g) for x, g in zip((q, k, v), grads))
 
     # -------------------------------------------------------------------------------------------- efficient
 

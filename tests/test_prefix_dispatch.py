@@ -60,7 +60,7 @@ def test_guard_accepts_both_names_of_the_flash_rng_results():
         (_sdpa_lse.FLASH_FWD, ", *, float? scale=None", "", ["scale"]),
         (_sdpa_lse.FLASH_FWD, "Tensor logsumexp,", "Tensor logsumexp, Tensor extra,", ["results"]),
         (_sdpa_lse.FLASH_BWD, "bool is_causal,", "bool causal,", ["argument 11"]),
-        (_sdpa_lse.EFFICIENT_FWD, "bool compute_log_sumexp,", "bool compute_log_sumexp, int mask_type,", ["argument 5"]),
+        (_sdpa_lse.EFFICIENT_FWD, "bool compute_log_sumexp,", "bool compute_log_sumexp, int mask,", ["argument 5"]),
         (_sdpa_lse.EFFICIENT_FWD, "Tensor? attn_bias", "Tensor attn_bias", ["argument 3"]),
         (_sdpa_lse.EFFICIENT_BWD, "bool[4] grad_input_mask", "bool[3] grad_input_mask, int x", ["argument"]),
         (_sdpa_lse.EFFICIENT_BWD, "*, float? scale=None", "*, float? scale=None, int required", ["required keyword"]),

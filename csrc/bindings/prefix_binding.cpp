@@ -32,6 +32,14 @@ at::Tensor vector_loadable(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// out_main / dq_main: read two adjacent elements at a time (4 bytes): last dim contiguous, even strides, 4-byte
+// aligned; copied to fresh memory otherwise.
+at::Tensor pair_loadable(const at::Tensor& t) {
+  bool ok = t.stride(-1) == 1 && aligned(t, 4);
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) ok = ok && (t.stride(i) % 2 == 0 || t.size(i) == 1);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
 // prefix_k / prefix_v: the kernels index them as contiguous [Hkv, L, D] with 16-byte loads.
 at::Tensor contiguous_aligned(const at::Tensor& t) {
   return t.is_contiguous() && aligned(t, 16) ? t : t.clone(at::MemoryFormat::Contiguous);
@@ -52,7 +60,8 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t> check_common(co
   TORCH_CHECK(prefix_k.dim() == 3, op, ": 'prefix_k' must be 3-D [Hkv, L, D], got ", prefix_k.sizes());
   TORCH_CHECK(prefix_v.sizes() == prefix_k.sizes(), op, ": 'prefix_v' must have the shape of 'prefix_k' ",
               prefix_k.sizes(), ", got ", prefix_v.sizes());
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"prefix_k", prefix_k}, {"prefix_v", prefix_v}}) {
+  using Named = std::pair<const char*, const at::Tensor&>;
+  for (const auto& [name, t] : {Named{"prefix_k", prefix_k}, Named{"prefix_v", prefix_v}}) {
     TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), op, ": '", name,
                 "' must match 'q' (", q.scalar_type(), " on ", q.device(), "), got ", t.scalar_type(), " on ",
                 t.device());
@@ -96,10 +105,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_forward(const at::Tensor& q_in, const 
                     lse_main_in->device() == q.device(),
                 kFwdOp, ": 'lse_main' must be float32 ", q.sizes().slice(0, 3), " on ", q.device(), ", got ",
                 lse_main_in->sizes(), " ", lse_main_in->scalar_type());
-    out_main = out_main_in->stride(-1) == 1 && aligned(*out_main_in, 4) && out_main_in->stride(0) % 2 == 0 &&
-                       out_main_in->stride(1) % 2 == 0 && out_main_in->stride(2) % 2 == 0
-                   ? *out_main_in
-                   : out_main_in->contiguous();
+    out_main = pair_loadable(*out_main_in);
     lse_main = *lse_main_in;  // any strides (e.g. a slice of the efficient kernel's padded LSE)
   }
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -160,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward(const at::Tensor&
   const at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
   const at::Tensor pk = contiguous_aligned(prefix_k), pv = contiguous_aligned(prefix_v);
   at::Tensor dq_main;
-  if (need_dq && dq_main_in.has_value()) dq_main = dq_main_in->stride(-1) == 1 ? *dq_main_in : dq_main_in->contiguous();
+  if (need_dq && dq_main_in.has_value()) dq_main = pair_loadable(*dq_main_in);
   const int bucket = prefix_head_dim_bucket(static_cast<int>(head_dim));
   const int chunks = prefix_bwd_chunks(static_cast<int>(prefix_len), static_cast<int>(head_dim));
   int row_blocks = prefix_row_blocks(batch, heads_q, heads_kv, steps, sm_count(q));

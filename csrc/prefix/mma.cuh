@@ -86,6 +86,18 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Two consecutive elements of global memory as floats; p must be 4-byte aligned (an even element offset).
+template <typename T>
+__device__ __forceinline__ float2 load2_float(const T* p);
+template <>
+__device__ __forceinline__ float2 load2_float<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+template <>
+__device__ __forceinline__ float2 load2_float<__half>(const __half* p) {
+  return __half22float2(*reinterpret_cast<const __half2*>(p));
+}
+
 // Two consecutive elements (p[0] low, p[1] high); p must be 4-byte aligned (an even element offset).
 template <typename T>
 __device__ __forceinline__ uint32_t load_pair(const T* p) {

@@ -209,8 +209,9 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
               float2 sum = make_float2(v0, v1);
               if (chunk == 0) {  // start from the main part's dq
                 if (dq_main != nullptr) {
-                  sum.x += to_compute(dq_main[main_off[i] + d]);
-                  sum.y += to_compute(dq_main[main_off[i] + d + 1]);
+                  const float2 main = load2_float(dq_main + main_off[i] + d);  // even strides (binding)
+                  sum.x += main.x;
+                  sum.y += main.y;
                 }
               } else {  // accum holds main + the previous chunks, in float32
                 const float2 before = *accum;

@@ -176,9 +176,9 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) prefix_forward_kernel
         if (d >= p.head_dim) continue;  // head_dim is even, so d + 1 < head_dim too
         float o0 = acc_o[dt][2 * i] * inv_l, o1 = acc_o[dt][2 * i + 1] * inv_l;
         if (has_main) {
-          const float m0 = to_compute(out_main[d]), m1 = to_compute(out_main[d + 1]);
-          o0 = m0 + gate * (o0 - m0);
-          o1 = m1 + gate * (o1 - m1);
+          const float2 main = load2_float(out_main + d);  // even strides, 4-byte aligned (binding)
+          o0 = main.x + gate * (o0 - main.x);
+          o1 = main.y + gate * (o1 - main.y);
         }
         *reinterpret_cast<uint32_t*>(out + d) = pack2<T>(o0, o1);
       }

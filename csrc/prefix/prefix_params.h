@@ -74,9 +74,9 @@ struct PrefixBwdParams {
   const void* out = nullptr;  // merged output [B, Hq, T, D] contiguous
   const float* lse = nullptr; // merged LSE [B, Hq, T] contiguous float32
 
-  // dq_main [B, Hq, T, D] (last dim contiguous, any other strides): the main part's dq, read once; nullptr when
-  // there is none (no main keys: zero). dq [B, Hq, T, D] contiguous: written with dq_main + the prefix part (one
-  // rounding); nullptr when dq is not needed.
+  // dq_main [B, Hq, T, D] (last dim contiguous, even strides, 4-byte aligned): the main part's dq, read once;
+  // nullptr when there is none (no main keys: zero). dq [B, Hq, T, D] contiguous: written with dq_main + the prefix
+  // part (one rounding); nullptr when dq is not needed.
   const void* dq_main = nullptr;
   int64_t dqm_stride_b = 0, dqm_stride_h = 0, dqm_stride_t = 0;
   void* dq = nullptr;

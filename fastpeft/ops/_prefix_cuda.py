@@ -285,5 +285,5 @@ def backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal, sca
         _notice_reference(p)
         return reference.prefix_attention_backward(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal,
                                                    scale)
-    return compose_backward(_RAW, prefix_kernels_for(q.dtype), p, dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse, causal,
-                            scale, needs)
+    return compose_backward(_RAW, prefix_kernels_for(q.dtype), p, dout, q, k, v, prefix_k, prefix_v, attn_mask, out,
+                            lse, causal, scale, needs)

@@ -236,7 +236,8 @@ def test_small_opcheck_and_compile_on_cuda():
     torch.library.opcheck(torch.ops.fastpeft.prefix_attention_fwd.default, (*args.values(), mask, True, 0.125))
 
     def fn(q, k, v, prefix_k, prefix_v):
-        return fastpeft.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, attn_mask=mask).float().square().sum()
+        out = fastpeft.prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, attn_mask=mask)
+        return out.float().square().sum()
 
     compiled = torch.compile(fn, fullgraph=True)
     grads = torch.autograd.grad(compiled(*args.values()), list(args.values()))
