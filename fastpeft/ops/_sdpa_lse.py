@@ -182,9 +182,10 @@ class AtenAttention:
 
     def flash_backward(self, dout, q, k, v, out, lse, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
         # Without dropout the rng-state arguments are not read; pass tensors shaped like the forward's (meta: a [2]
-        # and a [] uint64 tensor). cum_seq_q / cum_seq_k are undefined (None) for dense, non-varlen inputs.
-        seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
-        offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+        # and a [] uint64 tensor), uninitialised (no fill kernels). cum_seq_q / cum_seq_k are undefined (None) for
+        # dense, non-varlen inputs.
+        seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+        offset = torch.empty((), dtype=torch.uint64, device=q.device)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward.default(
             dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, seed, offset, scale=scale
         )
@@ -197,8 +198,8 @@ class AtenAttention:
         return out, lse
 
     def efficient_backward(self, dout, q, k, v, bias, out, lse_padded, causal: bool, scale: float, needs):
-        seed = torch.zeros((), dtype=torch.int64, device=q.device)
-        offset = torch.zeros((), dtype=torch.int64, device=q.device)
+        seed = torch.empty((), dtype=torch.int64, device=q.device)  # not read without dropout
+        offset = torch.empty((), dtype=torch.int64, device=q.device)
         dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward.default(
             dout, q, k, v, bias, out, lse_padded, seed, offset, 0.0, [bool(n) for n in needs] + [False], causal,
             scale=scale,
