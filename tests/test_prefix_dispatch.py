@@ -19,14 +19,28 @@ from test_prefix_attention_op import MASK_CASES, concat_attention64, make_inputs
 
 # ------------------------------------------------------------------------------------------------ schema guard
 
-# The schemas of torch 2.14 (installed here) as text, and the variant of earlier releases (the GPU machine has 2.11):
-# the flash forward's 7th and 8th results were named philox_seed and philox_offset before they became rng_state and
-# unused. Nothing else we use differs.
-FLASH_FWD_OLD = (
-    "aten::_scaled_dot_product_flash_attention(Tensor query, Tensor key, Tensor value, float dropout_p=0., "
-    "bool is_causal=False, bool return_debug_mask=False, *, float? scale=None) -> (Tensor output, "
-    "Tensor logsumexp, Tensor cum_seq_q, Tensor cum_seq_k, SymInt max_q, SymInt max_k, Tensor philox_seed, "
-    "Tensor philox_offset, Tensor debug_attn_mask)"
+# The schemas of torch 2.11 (the GPU machine's), as its wheel's ATen op headers (torch/include/ATen/ops/*_ops.h)
+# state them: identical to 2.14's for the four ops. Earlier releases named the flash forward's 7th and 8th results
+# philox_seed and philox_offset instead of rng_state and unused; we never read them, so both are accepted.
+TORCH_2_11 = {
+    _sdpa_lse.FLASH_FWD: "aten::_scaled_dot_product_flash_attention(Tensor query, Tensor key, Tensor value, "
+    "float dropout_p=0.0, bool is_causal=False, bool return_debug_mask=False, *, float? scale=None) -> "
+    "(Tensor output, Tensor logsumexp, Tensor cum_seq_q, Tensor cum_seq_k, SymInt max_q, SymInt max_k, "
+    "Tensor rng_state, Tensor unused, Tensor debug_attn_mask)",
+    _sdpa_lse.FLASH_BWD: "aten::_scaled_dot_product_flash_attention_backward(Tensor grad_out, Tensor query, "
+    "Tensor key, Tensor value, Tensor out, Tensor logsumexp, Tensor cum_seq_q, Tensor cum_seq_k, SymInt max_q, "
+    "SymInt max_k, float dropout_p, bool is_causal, Tensor philox_seed, Tensor philox_offset, *, "
+    "float? scale=None) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)",
+    _sdpa_lse.EFFICIENT_FWD: "aten::_scaled_dot_product_efficient_attention(Tensor query, Tensor key, "
+    "Tensor value, Tensor? attn_bias, bool compute_log_sumexp, float dropout_p=0.0, bool is_causal=False, *, "
+    "float? scale=None) -> (Tensor output, Tensor log_sumexp, Tensor philox_seed, Tensor philox_offset)",
+    _sdpa_lse.EFFICIENT_BWD: "aten::_scaled_dot_product_efficient_attention_backward(Tensor grad_out_, "
+    "Tensor query, Tensor key, Tensor value, Tensor attn_bias, Tensor out, Tensor logsumexp, Tensor philox_seed, "
+    "Tensor philox_offset, float dropout_p, bool[4] grad_input_mask, bool is_causal=False, *, float? scale=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+}
+FLASH_FWD_OLD = TORCH_2_11[_sdpa_lse.FLASH_FWD].replace(
+    "Tensor rng_state, Tensor unused", "Tensor philox_seed, Tensor philox_offset"
 )
 
 
@@ -43,6 +57,11 @@ def test_guard_accepts_installed_torch_schemas(name):
     schema = _sdpa_lse.installed_schema(name)
     assert schema is not None, f"torch {torch.__version__} has no aten::{name}"
     assert _sdpa_lse.schema_problem(schema, _sdpa_lse.SIGNATURES[name]) is None
+
+
+@pytest.mark.parametrize("name", list(_sdpa_lse.SIGNATURES))
+def test_guard_accepts_torch_2_11_schemas(name):
+    assert _sdpa_lse.schema_problem(parse(TORCH_2_11[name]), _sdpa_lse.SIGNATURES[name]) is None
 
 
 def test_guard_accepts_both_names_of_the_flash_rng_results():

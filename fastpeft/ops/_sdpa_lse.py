@@ -9,9 +9,12 @@ guarded by `schema_problem`, which compares the installed schema with the argume
 types, the names it relies on) and the results it reads. A mismatch never fails the user's call: the caller falls back
 to the reference path with a one-time notice.
 
-What differs between the releases we know (torch 2.14 here, 2.11 on the GPU machine): the names of the flash forward's
-7th and 8th results (`rng_state, unused` in 2.14; `philox_seed, philox_offset` in earlier releases). We never read
-them, so the guard checks only how many results there are and the types of the two we read (out, logsumexp).
+Torch 2.11 (the GPU machine's) and 2.14 (here) have identical schemas for the four ops (read from 2.11's ATen op
+headers; tests/test_prefix_dispatch.py holds them). Earlier releases named the flash forward's 7th and 8th results
+`philox_seed, philox_offset` instead of `rng_state, unused`: we never read them, so the guard checks only how many
+results there are and the types of the two we read (out, logsumexp). The efficient kernel's LSE padding (meta
+registration) is the same in both. What does differ: 2.11's documentation lists grouped-query attention for flash
+and math only (2.14 adds the memory-efficient kernel), hence the per-group calls below.
 
 Conventions of the two kernels (the prefix kernel fixes them up, see csrc/prefix/prefix_params.h):
 
@@ -22,7 +25,7 @@ Conventions of the two kernels (the prefix kernel fixes them up, see csrc/prefix
   multiples of 16 elements (zero strides allowed); `is_causal` is **top-left** aligned (so it is only used when
   T == S, where both alignments agree); LSE [B, H, ceil(T / 32) * 32] float32, natural log, **padded** (entries past T
   are not written); a row whose keys are all -inf gets a non-finite LSE (-inf) and an output we never read. We do
-  not rely on its grouped-query attention support (new in recent releases): a GQA call runs once per query group
+  not rely on its grouped-query attention support (not in 2.11): a GQA call runs once per query group
   (`main_forward` / `main_backward` in `fastpeft/ops/_prefix_cuda.py`).
 
 tests/cuda/test_prefix_private_ops_cuda.py checks these conventions on the GPU machine's torch;
