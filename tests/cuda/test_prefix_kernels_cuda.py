@@ -311,3 +311,10 @@ def test_small_misaligned_and_strided_inputs():
     for g, g2 in zip(grads, grads2):
         assert g.is_contiguous()
         torch.testing.assert_close(g, g2)
+
+
+def test_dropout_falls_back_with_a_notice():
+    args = inputs(1, 2, 1, 8, 8, 3, 64, torch.bfloat16)
+    with pytest.warns(fastpeft.FastPeftFallbackWarning, match="dropout"):
+        out = fastpeft.prefix_attention(**args, dropout_p=0.1)
+    assert out.shape == args["q"].shape and torch.isfinite(out).all()
