@@ -238,7 +238,7 @@ def test_float64_and_odd_head_dims_fall_back_with_a_notice():
     torch.testing.assert_close(out, truth64(args, None, False, 1 / 8)[0], rtol=1e-10, atol=1e-10)
 
 
-def test_small_opcheck_and_compile_on_cuda():
+def test_opcheck_and_compile_on_cuda():
     torch.manual_seed(5)
     args = inputs(2, 4, 2, 24, 24, 10, 64, torch.bfloat16, grad=True)
     mask = main_mask("padding", 2, 4, 24, 24)
