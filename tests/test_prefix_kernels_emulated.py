@@ -97,6 +97,7 @@ FORWARD_CASES = {
     "d40-padded-gqa": (torch.float16, 2, 4, 2, 17, 40, 1, 2),
     "d96-two-chunks": (torch.bfloat16, 1, 4, 2, 20, 96, 70, 3),
     "d160-two-chunks": (torch.float16, 1, 2, 1, 9, 160, 40, 1),
+    "five-tiles-two-blocks": (torch.bfloat16, 2, 4, 1, 40, 64, 70, 2),
 }
 
 
@@ -131,6 +132,7 @@ BACKWARD_CASES = {
     "d40-gqa-two-chunks": (torch.bfloat16, 2, 4, 2, 9, 40, 70, 3, True, True, True),
     "dq-only": (torch.float16, 1, 2, 1, 33, 64, 12, 1, True, False, True),
     "dprefix-only": (torch.bfloat16, 1, 2, 1, 33, 64, 12, 2, False, True, False),
+    "five-tiles-two-blocks": (torch.float16, 2, 4, 1, 40, 64, 70, 2, True, True, True),
 }
 
 
