@@ -125,7 +125,8 @@ def test_emulated_forward_matches_torch(lib, case):
 
 
 BACKWARD_CASES = {
-    # name: (dtype, B, Hq, Hkv, T, D, L, row_blocks, need_dq, need_dprefix, strided dq_main)
+    # name: (dtype, B, Hq, Hkv, T, D, L, row_blocks, need_dq, need_dprefix, strided dq_main). One chunk: the fused
+    # kernel; two chunks: the dq kernel and the chunk-parallel dP kernel (sharing D when both run).
     "d64-one-chunk": (torch.bfloat16, 1, 2, 1, 40, 64, 30, 2, True, True, True),
     "d128-two-chunks": (torch.float16, 1, 2, 2, 24, 128, 40, 1, True, True, False),
     "d256-two-chunks": (torch.bfloat16, 1, 2, 1, 10, 256, 20, 1, True, True, True),
@@ -133,6 +134,8 @@ BACKWARD_CASES = {
     "dq-only": (torch.float16, 1, 2, 1, 33, 64, 12, 1, True, False, True),
     "dprefix-only": (torch.bfloat16, 1, 2, 1, 33, 64, 12, 2, False, True, False),
     "five-tiles-two-blocks": (torch.float16, 2, 4, 1, 40, 64, 70, 2, True, True, True),
+    "dq-only-two-chunks": (torch.bfloat16, 1, 2, 1, 33, 128, 40, 2, True, False, True),
+    "dprefix-only-two-chunks": (torch.float16, 1, 2, 1, 33, 128, 40, 2, False, True, False),
 }
 
 

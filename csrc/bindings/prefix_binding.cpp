@@ -188,17 +188,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_backward(const at::Tensor&
   p.q = q.data_ptr(), p.q_stride_b = q.stride(0), p.q_stride_h = q.stride(1), p.q_stride_t = q.stride(2);
   p.prefix_k = pk.data_ptr(), p.prefix_v = pv.data_ptr();
   p.out = out.data_ptr(), p.lse = lse.data_ptr<float>();
-  at::Tensor dq_accum, dpk_partial, dpv_partial;
+  at::Tensor delta, dpk_partial, dpv_partial;
   if (need_dq) {
     p.dq = dq.data_ptr();
     if (dq_main.defined()) {
       p.dq_main = dq_main.data_ptr();
       p.dqm_stride_b = dq_main.stride(0), p.dqm_stride_h = dq_main.stride(1), p.dqm_stride_t = dq_main.stride(2);
     }
-    if (chunks > 1) {
-      dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // every element written by chunk 0 first
-      p.dq_accum = dq_accum.data_ptr<float>();
-    }
+  }
+  if (need_dq && need_dprefix && chunks > 1) {
+    // D per row, written by the dq kernel and read by the dP kernel (prefix_bwd_kernel.cuh).
+    delta = at::empty(q.sizes().slice(0, 3), q.options().dtype(at::kFloat));
+    p.delta = delta.data_ptr<float>();
   }
   if (need_dprefix) {
     // Every element of a block's slice is written by the block (padding keys as zeros), so no zero-fill.

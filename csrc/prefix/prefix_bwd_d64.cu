@@ -1,5 +1,5 @@
-// Instantiates the fused prefix backward kernel for head-dim bucket 64 (bf16 and fp16). One bucket per file, so the
-// build compiles them in parallel.
+// Instantiates the prefix backward kernels (dP, dq, reduce) for head-dim bucket 64 (bf16 and fp16). One bucket
+// per file, so the build compiles them in parallel.
 #include "prefix/prefix_bwd_kernel.cuh"
 
 namespace fastpeft {

@@ -1,25 +1,32 @@
-// Fused prefix-attention backward: the prefix part of dq (added into dq in place) and dP_k, dP_v summed over the
+// Prefix-attention backward: the prefix part of dq (added to the main part's dq) and dP_k, dP_v summed over the
 // batch and the query heads of each group, deterministically. Conventions and formulas: prefix_params.h.
-// Included only by prefix_bwd_d*.cu (one head-dim bucket each).
+// Included only by prefix_bwd_d*.cu (one head-dim bucket each) and by the CPU emulation tests.
 //
-// Structure (FlashAttention-2's dK/dV loop, with the prefix chunk as the key block):
-// - Grid (row_blocks, Hkv). Block x of head h loops over the prefix in chunks of kChunk keys (outer loop), and for
-//   each chunk over its row tiles x, x + row_blocks, ... (inner loop), accumulating the chunk's dP_k, dP_v over its
-//   rows in registers. At the end of a chunk it writes them to its own slice of the float32 partial buffers;
-//   `prefix_reduce_kernel` then sums the slices over the row blocks in a fixed order (deterministic, no atomics).
+// prefix_backward_kernel (FlashAttention-2's dK/dV loop, with a prefix chunk as the key block):
+// - Grid (row_blocks, Hkv, chunk_blocks). Block (x, h, z) handles the chunks z, z + chunk_blocks, ... of kChunk
+//   prefix keys (outer loop) and, for each, its row tiles x, x + row_blocks, ... (inner loop), accumulating the
+//   chunk's dP_k, dP_v over its rows in registers; at the end of a chunk it writes them to its own slice of the
+//   float32 partial buffers. `prefix_reduce_kernel` then sums the slices over the row blocks in a fixed order
+//   (deterministic, no atomics).
 // - Per row tile (64 rows; warp w computes rows 16w .. 16w+15): S = Q P_k^T and dP = dO P_v^T (mma), P = exp(S - L)
 //   with the merged L, dS = P (dP - D) with D = rowsum(dO * O) of the merged O. P^T and dS^T go to shared memory;
 //   then every warp accumulates its (16 keys x 64 dims) block of dP_v += P^T dO and dP_k += dS^T Q (mma).
-// - dq: each warp computes its rows' dS P_k (mma), adds the main part's dq and writes dq. An element of dq belongs to
-//   exactly one thread of one block, so no atomics. With one chunk (L <= kChunk) it is
-//   dq = round(dq_main + scale dS P_k), one pass; with several chunks the sum runs in float32 in `dq_accum` and the
-//   last chunk rounds it once (the rows are then visited once per chunk).
+// - With one chunk (L <= kChunk: the usual prefix sizes) the same pass gives dq: each warp computes its rows'
+//   dS P_k (mma), adds the main part's dq and writes dq, one rounding; an element of dq belongs to one thread of one
+//   block, so no atomics. That is the fused backward: one pass over q, dO, O, dq_main, dq.
+//
+// prefix_backward_dq_kernel (FlashAttention-2's dQ loop), for several chunks: block = row tiles, loop over all the
+// chunks with dq accumulated in registers (float32), one write of dq. Then prefix_backward_kernel runs with one chunk
+// per block (grid z = chunks) for dP_k, dP_v only, reading the D the dq kernel stored. Memory traffic: 5 + 2 x chunks
+// passes over [B, Hq, T, D] (instead of 5 x chunks for a chunk loop that carries dq along).
 #pragma once
 
 #include <cmath>
 
 #include "common/numeric.cuh"
 #include "prefix/mma.cuh"
+#include "prefix/prefix_bwd_dq_kernel.cuh"
+#include "prefix/prefix_bwd_rows.cuh"
 #include "prefix/prefix_params.h"
 
 namespace fastpeft {
@@ -72,11 +79,10 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
   const int padded_len = num_chunks * kChunk;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane_g(), c = lane_c();
-  const bool need_dq = p.dq != nullptr;
+  const bool need_dq = p.dq != nullptr;  // only with one chunk (the launch schedule below)
   const bool need_dprefix = p.dpk_partial != nullptr;
   const T* q = static_cast<const T*>(p.q);
   const T* dout = static_cast<const T*>(p.dout);
-  const T* out = static_cast<const T*>(p.out);
   const T* prefix_k = static_cast<const T*>(p.prefix_k) + int64_t(h) * p.prefix_len * p.head_dim;
   const T* prefix_v = static_cast<const T*>(p.prefix_v) + int64_t(h) * p.prefix_len * p.head_dim;
   // This warp's block of the chunk's dP_k / dP_v: keys key_block*16 .., dims dim_block*64 ..
@@ -90,7 +96,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
     b = bg / groups;
   };
 
-  for (int chunk = 0; chunk < num_chunks; ++chunk) {
+  for (int chunk = blockIdx.z; chunk < num_chunks; chunk += gridDim.z) {
     const int j0 = chunk * kChunk;
     __syncthreads();  // every warp is done with the previous chunk's tiles
     load_tile<T, kD>(pk_s, kLd, kChunk, p.head_dim, [&](int r) -> const T* {
@@ -132,23 +138,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
       }
       __syncthreads();
 
-      // D = rowsum(dO * O) for the warp's 16 rows (dO from shared memory, the merged O from global memory).
-      for (int i = 0; i < 16; ++i) {
-        const int r = warp * 16 + i;
-        float sum = 0.f;
-        if (row0 + r < rows_total) {
-          int b, hq, t;
-          decode(row0 + r, b, hq, t);
-          const T* o_row = out + ((int64_t(b) * p.heads_q + hq) * p.steps + t) * p.head_dim;
-          for (int d = lane; d < p.head_dim; d += kWarpSize) {
-            sum += to_compute(do_s[r * kLd + d]) * to_compute(o_row[d]);
-          }
-        }
-#pragma unroll
-        for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-        if (lane == 0) delta_s[r] = sum;
-      }
-      __syncwarp();
+      row_deltas<T, kLd>(p, do_s, delta_s, row0, rows_total, warp, lane, decode);
 
       // S = Q P_k^T, dP = dO P_v^T for the warp's rows; then P and dS (element e of n-tile nt: key nt*8 + 2c +
       // (e & 1) of the chunk, row g + 8 (e >> 1) of the warp's 16).
@@ -188,7 +178,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
           int b = 0, hq = 0, t = 0;
           if (valid[i]) decode(row, b, hq, t);
           main_off[i] = b * p.dqm_stride_b + hq * p.dqm_stride_h + t * p.dqm_stride_t;
-          row_off[i] = ((int64_t(b) * p.heads_q + hq) * p.steps + t) * p.head_dim;  // dq and dq_accum
+          row_off[i] = ((int64_t(b) * p.heads_q + hq) * p.steps + t) * p.head_dim;  // dq is contiguous
         }
         const T* dq_main = static_cast<const T*>(p.dq_main);
         T* dq = static_cast<T*>(p.dq);
@@ -205,24 +195,13 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
             for (int i = 0; i < 2; ++i) {
               if (!valid[i]) continue;
               const float v0 = acc[dt][2 * i] * p.scale, v1 = acc[dt][2 * i + 1] * p.scale;
-              float2* accum = p.dq_accum != nullptr ? reinterpret_cast<float2*>(p.dq_accum + row_off[i] + d) : nullptr;
               float2 sum = make_float2(v0, v1);
-              if (chunk == 0) {  // start from the main part's dq
-                if (dq_main != nullptr) {
-                  const float2 main = load2_float(dq_main + main_off[i] + d);  // even strides (binding)
-                  sum.x += main.x;
-                  sum.y += main.y;
-                }
-              } else {  // accum holds main + the previous chunks, in float32
-                const float2 before = *accum;
-                sum.x += before.x;
-                sum.y += before.y;
+              if (dq_main != nullptr) {
+                const float2 main = load2_float(dq_main + main_off[i] + d);  // even strides (binding)
+                sum.x += main.x;
+                sum.y += main.y;
               }
-              if (chunk == num_chunks - 1) {
-                *reinterpret_cast<uint32_t*>(dq + row_off[i] + d) = pack2<T>(sum.x, sum.y);  // the one rounding
-              } else {
-                *accum = sum;
-              }
+              *reinterpret_cast<uint32_t*>(dq + row_off[i] + d) = pack2<T>(sum.x, sum.y);  // the one rounding
             }
           }
         }
@@ -279,22 +258,53 @@ __global__ void prefix_reduce_kernel(const PrefixBwdParams p) {
   }
 }
 
+// Which kernels run, on which grids, with which params. `launch(kernel, params, grid, threads, smem_bytes)` runs one
+// kernel and returns false when that failed (the CUDA launcher below; the CPU emulation tests pass their own).
+template <typename T, int kD, typename Launch>
+bool schedule_prefix_backward(const PrefixBwdParams& p, Launch launch) {
+  using Tr = BwdTraits<kD>;
+  const int chunks = (p.prefix_len + Tr::kChunk - 1) / Tr::kChunk;
+  if (chunks == 1) {  // the fused pass: dq and dP_k, dP_v together
+    if (!launch(prefix_backward_kernel<T, kD>, p, dim3(p.row_blocks, p.heads_kv, 1), Tr::kThreads,
+                Tr::template smem_bytes<T>())) {
+      return false;
+    }
+  } else {
+    if (p.dq != nullptr &&
+        !launch(prefix_backward_dq_kernel<T, kD>, p, dim3(p.row_blocks, p.heads_kv), DqTraits<kD>::kThreads,
+                DqTraits<kD>::template smem_bytes<T>())) {
+      return false;
+    }
+    if (p.dpk_partial != nullptr) {
+      PrefixBwdParams dp = p;
+      dp.dq = nullptr;
+      dp.delta_ready = p.dq != nullptr && p.delta != nullptr;  // stored by the dq kernel
+      if (!launch(prefix_backward_kernel<T, kD>, dp, dim3(p.row_blocks, p.heads_kv, chunks), Tr::kThreads,
+                  Tr::template smem_bytes<T>())) {
+        return false;
+      }
+    }
+  }
+  if (p.dpk_partial == nullptr) return true;
+  const int64_t total = int64_t(p.heads_kv) * p.prefix_len * p.head_dim;
+  return launch(prefix_reduce_kernel<T, kD>, p, dim3(static_cast<unsigned>((total + 255) / 256)), 256, 0);
+}
+
 #if !defined(FASTPEFT_HOST_EMULATION)
 template <typename T, int kD>
 cudaError_t run_prefix_backward_impl(const PrefixBwdParams& p, cudaStream_t stream) {
-  using Tr = BwdTraits<kD>;
-  constexpr int smem = Tr::template smem_bytes<T>();
-  auto kernel = prefix_backward_kernel<T, kD>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<dim3(p.row_blocks, p.heads_kv), Tr::kThreads, smem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || p.dpk_partial == nullptr) return err;
-  const int64_t total = int64_t(p.heads_kv) * p.prefix_len * p.head_dim;
-  const int threads = 256;
-  const int blocks = static_cast<int>((total + threads - 1) / threads);
-  prefix_reduce_kernel<T, kD><<<blocks, threads, 0, stream>>>(p);
-  return cudaGetLastError();
+  cudaError_t err = cudaSuccess;
+  auto launch = [&](auto kernel, const PrefixBwdParams& params, dim3 grid, int threads, int smem) {
+    if (smem > 48 * 1024) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (err != cudaSuccess) return false;
+    }
+    kernel<<<grid, threads, smem, stream>>>(params);
+    err = cudaGetLastError();
+    return err == cudaSuccess;
+  };
+  schedule_prefix_backward<T, kD>(p, launch);
+  return err;
 }
 
 #endif  // !FASTPEFT_HOST_EMULATION

@@ -80,9 +80,11 @@ struct PrefixBwdParams {
   const void* dq_main = nullptr;
   int64_t dqm_stride_b = 0, dqm_stride_h = 0, dqm_stride_t = 0;
   void* dq = nullptr;
-  // With more than one prefix chunk, dq's sum over chunks is kept in float32 here ([B, Hq, T, D] contiguous) and
-  // rounded once, by the last chunk. nullptr with one chunk.
-  float* dq_accum = nullptr;
+  // D = rowsum(dO * O) per row ([B, Hq, T] contiguous float32). With several prefix chunks and both dq and the prefix
+  // gradients wanted, the dq kernel stores it here and the dP kernel reads it back (`delta_ready`) instead of reading
+  // O again. nullptr otherwise (the kernels compute D from O themselves).
+  float* delta = nullptr;
+  bool delta_ready = false;
 
   // Per-block partial sums of dprefix_k and dprefix_v, float32 [row_blocks, Hkv, chunks * chunk, bucket(D)]; the
   // reduction kernel sums them over row blocks in a fixed order (deterministic) into dprefix_k / dprefix_v
@@ -95,7 +97,9 @@ struct PrefixBwdParams {
   int row_blocks = 1;  // gridDim.x
 };
 
-// Prefix keys handled per pass by the backward kernel for head-dim bucket `bucket` (see prefix_bwd_kernel.cuh).
+// Prefix keys per chunk of the backward's dP kernel for head-dim bucket `bucket` (see prefix_bwd_kernel.cuh). With one
+// chunk (L <= 64, 32, 16 for D <= 64, 128, 256) one fused kernel gives dq and dP_k, dP_v; with more, a dq kernel and
+// a chunk-parallel dP kernel share the work.
 constexpr int prefix_bwd_chunk(int bucket) { return 4096 / bucket; }
 constexpr int prefix_bwd_chunks(int prefix_len, int head_dim) {
   const int chunk = prefix_bwd_chunk(prefix_head_dim_bucket(head_dim));

@@ -3,7 +3,8 @@
 // A block runs as blockDim.x std::threads; __syncthreads is a barrier of the block, __syncwarp and the warp
 // collectives (__shfl_xor_sync, mma.sync) are barriers of the 32 threads of a warp that exchange values through
 // per-warp slots. mma.sync m16n8k16 is computed from the 32 lanes' fragments by the PTX fragment layout (the inverse
-// of the index math the kernels use to build them), in double precision. Blocks of a grid run one after another.
+// of the index math the kernels use to build them), in double precision. Blocks of a grid (x, y, z) run one after
+// another.
 // Dynamic shared memory is poisoned with 0xFF bytes (NaN for bf16, fp16 and float) so that a read of a value the
 // kernel never wrote shows up as NaN, and a canary after its end catches writes past it.
 #pragma once
@@ -93,6 +94,7 @@ bool launch(Kernel kernel, const Params& params, dim3 grid, int threads, size_t 
   tl_grid_dim = grid;
   tl_block_dim = dim3(threads);
   bool ok = true;
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       Block block;
@@ -109,13 +111,14 @@ bool launch(Kernel kernel, const Params& params, dim3 grid, int threads, size_t 
         pool.emplace_back([&, t] {
           tl_block = &block;
           tl_thread_idx = dim3(t);
-          tl_block_idx = dim3(bx, by);
+          tl_block_idx = dim3(bx, by, bz);
           kernel(params);
         });
       }
       for (auto& th : pool) th.join();
       for (size_t i = smem_bytes; i < smem_bytes + kCanary; ++i) ok = ok && block.smem[i] == 0xFF;
     }
+  }
   }
   return ok;
 }

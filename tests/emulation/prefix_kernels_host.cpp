@@ -72,11 +72,11 @@ extern "C" int emulate_prefix_backward(int dtype, int batch, int heads_q, int he
   p.dq = dq;
   const int bucket = prefix_head_dim_bucket(head_dim);
   const int chunks = prefix_bwd_chunks(prefix_len, head_dim);
-  // Workspaces as the binding allocates them; poisoned with NaN, since the kernel must write before it reads.
-  std::vector<float> dq_accum, dpk_partial, dpv_partial;
-  if (dq != nullptr && chunks > 1) {
-    dq_accum.assign(size_t(batch) * heads_q * steps * head_dim, NAN);
-    p.dq_accum = dq_accum.data();
+  // Workspaces as the binding allocates them; poisoned with NaN, since the kernels must write before they read.
+  std::vector<float> delta, dpk_partial, dpv_partial;
+  if (dq != nullptr && dprefix_k != nullptr && chunks > 1) {
+    delta.assign(size_t(batch) * heads_q * steps, NAN);
+    p.delta = delta.data();
   }
   if (dprefix_k != nullptr) {
     const size_t n = size_t(row_blocks) * heads_kv * chunks * prefix_bwd_chunk(bucket) * bucket;
@@ -89,14 +89,10 @@ extern "C" int emulate_prefix_backward(int dtype, int batch, int heads_q, int he
   return dispatch(dtype, head_dim, [&](auto t, auto d) {
     using T = decltype(t);
     constexpr int kD = decltype(d)::value;
-    using Tr = prefix::BwdTraits<kD>;
-    bool ok = emulation::launch(prefix::prefix_backward_kernel<T, kD>, p, dim3(row_blocks, heads_kv), Tr::kThreads,
-                                Tr::template smem_bytes<T>());
-    if (ok && p.dpk_partial != nullptr) {
-      const int64_t total = int64_t(heads_kv) * prefix_len * head_dim;
-      ok = emulation::launch(prefix::prefix_reduce_kernel<T, kD>, p, dim3(static_cast<unsigned>((total + 255) / 256)),
-                             256, 0);
-    }
-    return ok ? 0 : 1;
+    // The same schedule as the CUDA launcher (kernels, grids, params), each launch emulated.
+    auto launch = [](auto kernel, const PrefixBwdParams& params, dim3 grid, int threads, int smem) {
+      return emulation::launch(kernel, params, grid, threads, static_cast<size_t>(smem));
+    };
+    return prefix::schedule_prefix_backward<T, kD>(p, launch) ? 0 : 1;
   });
 }
