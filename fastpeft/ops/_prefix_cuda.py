@@ -18,7 +18,8 @@ Backward (ring-attention recipe: every part's backward with the merged O and mer
    take the head dim on this GPU; both accept the merged O and L).
 2. One fused kernel (`torch.ops.fastpeft_cuda.prefix_backward`) reads the main part's dq, adds the prefix part and
    writes dq (one pass), and gives dP_k, dP_v summed over the batch and the query heads of each group,
-   deterministically.
+   deterministically. Prefixes longer than one chunk of that kernel (L > 64, 32, 16 for D <= 64, 128, 256) run a
+   dq kernel and a chunk-parallel dP kernel instead (csrc/prefix/prefix_bwd_kernel.cuh).
 
 Dispatch (`plan`) sends what the kernels do not cover to the reference path with a one-time notice: float64, head
 dims outside 32..256 or not a multiple of 8, private-op schemas that do not match. The composition functions take
