@@ -152,9 +152,10 @@ def test_small_merged_lse_and_rows_without_main_keys(dtype):
 
 
 @pytest.mark.parametrize("dtype", HALF)
-def test_small_prefix_gradients_are_deterministic(dtype):
+@pytest.mark.parametrize("length", [30, 200], ids=["fused", "dq-and-dP-kernels"])
+def test_small_prefix_gradients_are_deterministic(dtype, length):
     torch.manual_seed(2)
-    args = inputs(4, 8, 2, 200, 200, 30, 128, dtype, grad=True)
+    args = inputs(4, 8, 2, 200, 200, length, 128, dtype, grad=True)
     dout = torch.randn(4, 8, 200, 128, device="cuda").to(dtype)
     runs = []
     for _ in range(2):
