@@ -9,6 +9,7 @@
 #include "prefix/mma.cuh"
 #include "prefix/prefix_bwd_rows.cuh"
 #include "prefix/prefix_params.h"
+#include "prefix/prefix_rows.cuh"
 
 namespace fastpeft {
 namespace prefix {
@@ -47,47 +48,17 @@ __global__ void __launch_bounds__(DqTraits<kD>::kThreads) prefix_backward_dq_ker
   float* delta_s = lse_s + kRows;                                 // [kRows]
 
   const int h = blockIdx.y;
-  const int groups = p.heads_q / p.heads_kv;
-  const int rows_total = p.batch * groups * p.steps;
-  const int num_tiles = (rows_total + kRows - 1) / kRows;
+  const FoldedRows fr(p, h);
+  const int num_tiles = (fr.total + kRows - 1) / kRows;
   const int num_chunks = (p.prefix_len + kChunk - 1) / kChunk;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane_g(), c = lane_c();
-  const T* q = static_cast<const T*>(p.q);
-  const T* dout = static_cast<const T*>(p.dout);
-  const T* prefix_k = static_cast<const T*>(p.prefix_k) + int64_t(h) * p.prefix_len * p.head_dim;
-  const T* prefix_v = static_cast<const T*>(p.prefix_v) + int64_t(h) * p.prefix_len * p.head_dim;
-  auto decode = [&](int row, int& b, int& hq, int& t) {
-    t = row % p.steps;
-    const int bg = row / p.steps;
-    hq = h * groups + bg % groups;
-    b = bg / groups;
-  };
 
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int row0 = tile * kRows;
     __syncthreads();  // the previous tile is done with every shared buffer
-    auto row_of = [&](const T* base, int64_t sb, int64_t sh, int64_t st) {
-      return [=, &decode](int r) -> const T* {
-        if (row0 + r >= rows_total) return nullptr;
-        int b, hq, t;
-        decode(row0 + r, b, hq, t);
-        return base + b * sb + hq * sh + t * st;
-      };
-    };
-    load_tile<T, kD>(q_s, kLd, kRows, p.head_dim, row_of(q, p.q_stride_b, p.q_stride_h, p.q_stride_t));
-    load_tile<T, kD>(do_s, kLd, kRows, p.head_dim, row_of(dout, p.do_stride_b, p.do_stride_h, p.do_stride_t));
-    for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
-      float lse_row = INFINITY;  // rows past the end: probabilities 0
-      if (row0 + r < rows_total) {
-        int b, hq, t;
-        decode(row0 + r, b, hq, t);
-        lse_row = p.lse[(int64_t(b) * p.heads_q + hq) * p.steps + t];
-      }
-      lse_s[r] = lse_row;
-    }
-    __syncthreads();
-    row_deltas<T, kLd>(p, do_s, delta_s, row0, rows_total, warp, lane, decode);
+    load_row_tile<T, kD>(p, fr, row0, kRows, q_s, do_s, lse_s, kLd);
+    row_deltas<T, kLd>(p, fr, do_s, delta_s, row0, warp, lane);
 
     float acc[kDT][4];  // this warp's 16 rows of dq's prefix part, unscaled
 #pragma unroll
@@ -95,34 +66,12 @@ __global__ void __launch_bounds__(DqTraits<kD>::kThreads) prefix_backward_dq_ker
     for (int chunk = 0; chunk < num_chunks; ++chunk) {
       const int j0 = chunk * kChunk;
       __syncthreads();  // every warp is done with the previous chunk
-      load_tile<T, kD>(pk_s, kLd, kChunk, p.head_dim, [&](int r) -> const T* {
-        return j0 + r < p.prefix_len ? prefix_k + int64_t(j0 + r) * p.head_dim : nullptr;
-      });
-      load_tile<T, kD>(pv_s, kLd, kChunk, p.head_dim, [&](int r) -> const T* {
-        return j0 + r < p.prefix_len ? prefix_v + int64_t(j0 + r) * p.head_dim : nullptr;
-      });
+      load_prefix_chunk<T, kD>(p, h, j0, kChunk, pk_s, pv_s, kLd);
       __syncthreads();
-
-      float s[kNT][4], dp[kNT][4];
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-      }
-      warp_mma_ss<T, kD, kNT, /*B_K_CONTIGUOUS=*/true>(s, q_s + warp * 16 * kLd, kLd, pk_s, kLd);
-      warp_mma_ss<T, kD, kNT, /*B_K_CONTIGUOUS=*/true>(dp, do_s + warp * 16 * kLd, kLd, pv_s, kLd);
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = warp * 16 + g + 8 * (e >> 1);
-          const bool real = j0 + nt * 8 + 2 * c + (e & 1) < p.prefix_len;  // padding keys: P = 0
-          const float prob = real ? __expf(s[nt][e] * p.scale - lse_s[r]) : 0.f;
-          s[nt][e] = prob * (dp[nt][e] - delta_s[r]);  // dS
-        }
-      }
+      float prob[kNT][4], ds[kNT][4];
+      probabilities_and_ds<T, kD, kNT, kLd>(p, q_s, do_s, pk_s, pv_s, lse_s, delta_s, warp, j0, prob, ds);
       uint32_t ds_frag[kNT / 2][4];
-      accumulator_to_a<T, kNT / 2>(ds_frag, s);
+      accumulator_to_a<T, kNT / 2>(ds_frag, ds);
       warp_mma_rs<T, kNT / 2, kDT, /*B_K_CONTIGUOUS=*/false>(acc, ds_frag, pk_s, kLd);
     }
 
@@ -131,9 +80,9 @@ __global__ void __launch_bounds__(DqTraits<kD>::kThreads) prefix_backward_dq_ker
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = row0 + warp * 16 + g + 8 * i;
-      if (row >= rows_total) continue;
+      if (row >= fr.total) continue;
       int b, hq, t;
-      decode(row, b, hq, t);
+      fr.decode(row, b, hq, t);
       const int64_t main_off = b * p.dqm_stride_b + hq * p.dqm_stride_h + t * p.dqm_stride_t;
       const int64_t row_off = ((int64_t(b) * p.heads_q + hq) * p.steps + t) * p.head_dim;  // dq is contiguous
 #pragma unroll

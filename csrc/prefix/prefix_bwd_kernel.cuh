@@ -28,6 +28,7 @@
 #include "prefix/prefix_bwd_dq_kernel.cuh"
 #include "prefix/prefix_bwd_rows.cuh"
 #include "prefix/prefix_params.h"
+#include "prefix/prefix_rows.cuh"
 
 namespace fastpeft {
 namespace prefix {
@@ -72,39 +73,21 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
   float* delta_s = lse_s + kRows;                                  // [kRows]
 
   const int h = blockIdx.y;
-  const int groups = p.heads_q / p.heads_kv;
-  const int rows_total = p.batch * groups * p.steps;
-  const int num_tiles = (rows_total + kRows - 1) / kRows;
+  const FoldedRows fr(p, h);
+  const int num_tiles = (fr.total + kRows - 1) / kRows;
   const int num_chunks = (p.prefix_len + kChunk - 1) / kChunk;
   const int padded_len = num_chunks * kChunk;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int g = lane_g(), c = lane_c();
   const bool need_dq = p.dq != nullptr;  // only with one chunk (the launch schedule below)
   const bool need_dprefix = p.dpk_partial != nullptr;
-  const T* q = static_cast<const T*>(p.q);
-  const T* dout = static_cast<const T*>(p.dout);
-  const T* prefix_k = static_cast<const T*>(p.prefix_k) + int64_t(h) * p.prefix_len * p.head_dim;
-  const T* prefix_v = static_cast<const T*>(p.prefix_v) + int64_t(h) * p.prefix_len * p.head_dim;
   // This warp's block of the chunk's dP_k / dP_v: keys key_block*16 .., dims dim_block*64 ..
   const int key_block = warp % Tr::kKeyBlocks, dim_block = warp / Tr::kKeyBlocks;
-
-  // (b, hq, t) of folded row `row` of head h.
-  auto decode = [&](int row, int& b, int& hq, int& t) {
-    t = row % p.steps;
-    const int bg = row / p.steps;
-    hq = h * groups + bg % groups;
-    b = bg / groups;
-  };
 
   for (int chunk = blockIdx.z; chunk < num_chunks; chunk += gridDim.z) {
     const int j0 = chunk * kChunk;
     __syncthreads();  // every warp is done with the previous chunk's tiles
-    load_tile<T, kD>(pk_s, kLd, kChunk, p.head_dim, [&](int r) -> const T* {
-      return j0 + r < p.prefix_len ? prefix_k + int64_t(j0 + r) * p.head_dim : nullptr;
-    });
-    load_tile<T, kD>(pv_s, kLd, kChunk, p.head_dim, [&](int r) -> const T* {
-      return j0 + r < p.prefix_len ? prefix_v + int64_t(j0 + r) * p.head_dim : nullptr;
-    });
+    load_prefix_chunk<T, kD>(p, h, j0, kChunk, pk_s, pv_s, kLd);
 
     float acc_dpk[8][4], acc_dpv[8][4];  // 16 keys x 64 dims each
 #pragma unroll
@@ -116,67 +99,34 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
     for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
       const int row0 = tile * kRows;
       __syncthreads();  // the previous tile is done with q_s, do_s, pt_s, dst_s (and the chunk load is complete)
-      auto row_of = [&](const T* base, int64_t sb, int64_t sh, int64_t st) {
-        return [=, &decode](int r) -> const T* {
-          if (row0 + r >= rows_total) return nullptr;
-          int b, hq, t;
-          decode(row0 + r, b, hq, t);
-          return base + b * sb + hq * sh + t * st;
-        };
-      };
-      load_tile<T, kD>(q_s, kLd, kRows, p.head_dim, row_of(q, p.q_stride_b, p.q_stride_h, p.q_stride_t));
-      load_tile<T, kD>(do_s, kLd, kRows, p.head_dim, row_of(dout, p.do_stride_b, p.do_stride_h, p.do_stride_t));
-      for (int r = threadIdx.x; r < kRows; r += blockDim.x) {
-        // Rows past the end get L = +inf: their probabilities are exp(-inf) = 0 and they add nothing.
-        float lse_row = INFINITY;
-        if (row0 + r < rows_total) {
-          int b, hq, t;
-          decode(row0 + r, b, hq, t);
-          lse_row = p.lse[(int64_t(b) * p.heads_q + hq) * p.steps + t];
-        }
-        lse_s[r] = lse_row;
-      }
-      __syncthreads();
+      load_row_tile<T, kD>(p, fr, row0, kRows, q_s, do_s, lse_s, kLd);
+      row_deltas<T, kLd>(p, fr, do_s, delta_s, row0, warp, lane);
 
-      row_deltas<T, kLd>(p, do_s, delta_s, row0, rows_total, warp, lane, decode);
-
-      // S = Q P_k^T, dP = dO P_v^T for the warp's rows; then P and dS (element e of n-tile nt: key nt*8 + 2c +
-      // (e & 1) of the chunk, row g + 8 (e >> 1) of the warp's 16).
-      float s[kNT][4], dp[kNT][4];
-#pragma unroll
-      for (int i = 0; i < kNT; ++i) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-      }
-      warp_mma_ss<T, kD, kNT, /*B_K_CONTIGUOUS=*/true>(s, q_s + warp * 16 * kLd, kLd, pk_s, kLd);
-      warp_mma_ss<T, kD, kNT, /*B_K_CONTIGUOUS=*/true>(dp, do_s + warp * 16 * kLd, kLd, pv_s, kLd);
+      float prob[kNT][4], ds[kNT][4];
+      probabilities_and_ds<T, kD, kNT, kLd>(p, q_s, do_s, pk_s, pv_s, lse_s, delta_s, warp, j0, prob, ds);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int key = nt * 8 + 2 * c + (e & 1);         // within the chunk
-          const int r = warp * 16 + g + 8 * (e >> 1);        // within the tile
-          const bool real = j0 + key < p.prefix_len;        // padding keys: P = 0
-          const float prob = real ? __expf(s[nt][e] * p.scale - lse_s[r]) : 0.f;
-          const float ds = prob * (dp[nt][e] - delta_s[r]);
-          s[nt][e] = ds;  // s now holds dS (its A fragments feed dq below)
-          pt_s[key * kLdT + r] = from_compute<T>(prob);
-          dst_s[key * kLdT + r] = from_compute<T>(ds);
+          const int key = nt * 8 + 2 * c + (e & 1);   // within the chunk
+          const int r = warp * 16 + g + 8 * (e >> 1);  // within the tile
+          pt_s[key * kLdT + r] = from_compute<T>(prob[nt][e]);
+          dst_s[key * kLdT + r] = from_compute<T>(ds[nt][e]);
         }
       }
 
       if (need_dq) {
         uint32_t ds_frag[kNT / 2][4];
-        accumulator_to_a<T, kNT / 2>(ds_frag, s);
+        accumulator_to_a<T, kNT / 2>(ds_frag, ds);
         // dq rows of this thread: g and g + 8 of the warp's 16.
         int64_t main_off[2], row_off[2];
         bool valid[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int row = row0 + warp * 16 + g + 8 * i;
-          valid[i] = row < rows_total;
+          valid[i] = row < fr.total;
           int b = 0, hq = 0, t = 0;
-          if (valid[i]) decode(row, b, hq, t);
+          if (valid[i]) fr.decode(row, b, hq, t);
           main_off[i] = b * p.dqm_stride_b + hq * p.dqm_stride_h + t * p.dqm_stride_t;
           row_off[i] = ((int64_t(b) * p.heads_q + hq) * p.steps + t) * p.head_dim;  // dq is contiguous
         }
@@ -194,8 +144,7 @@ __global__ void __launch_bounds__(BwdTraits<kD>::kThreads) prefix_backward_kerne
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
               if (!valid[i]) continue;
-              const float v0 = acc[dt][2 * i] * p.scale, v1 = acc[dt][2 * i + 1] * p.scale;
-              float2 sum = make_float2(v0, v1);
+              float2 sum = make_float2(acc[dt][2 * i] * p.scale, acc[dt][2 * i + 1] * p.scale);
               if (dq_main != nullptr) {
                 const float2 main = load2_float(dq_main + main_off[i] + d);  // even strides (binding)
                 sum.x += main.x;

@@ -19,6 +19,7 @@
 #include "common/numeric.cuh"
 #include "prefix/mma.cuh"
 #include "prefix/prefix_params.h"
+#include "prefix/prefix_rows.cuh"
 
 namespace fastpeft {
 namespace prefix {
@@ -51,39 +52,20 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) prefix_forward_kernel
   T* pv_s = pk_s + kChunk * kLd;            // [kChunk][kLd]
 
   const int h = blockIdx.y;  // key/value head
-  const int groups = p.heads_q / p.heads_kv;
-  const int rows_total = p.batch * groups * p.steps;
-  const int num_tiles = (rows_total + kRows - 1) / kRows;
+  const FoldedRows fr(p, h);
+  const int num_tiles = (fr.total + kRows - 1) / kRows;
   const int num_chunks = (p.prefix_len + kChunk - 1) / kChunk;
   const int warp = threadIdx.x / kWarpSize;
   const int g = lane_g(), c = lane_c();
-  const T* q = static_cast<const T*>(p.q);
-  const T* prefix_k = static_cast<const T*>(p.prefix_k) + int64_t(h) * p.prefix_len * p.head_dim;
-  const T* prefix_v = static_cast<const T*>(p.prefix_v) + int64_t(h) * p.prefix_len * p.head_dim;
 
-  auto load_chunk = [&](int chunk) {
-    const int j0 = chunk * kChunk;
-    auto row_k = [&](int r) -> const T* {
-      return j0 + r < p.prefix_len ? prefix_k + int64_t(j0 + r) * p.head_dim : nullptr;
-    };
-    auto row_v = [&](int r) -> const T* {
-      return j0 + r < p.prefix_len ? prefix_v + int64_t(j0 + r) * p.head_dim : nullptr;
-    };
-    load_tile<T, kD>(pk_s, kLd, kChunk, p.head_dim, row_k);
-    load_tile<T, kD>(pv_s, kLd, kChunk, p.head_dim, row_v);
-  };
-  if (num_chunks == 1) load_chunk(0);  // resident for the whole block; made visible by the first tile's barrier
+  // With one chunk, P_k and P_v stay resident for the whole block (made visible by the first tile's barrier).
+  if (num_chunks == 1) load_prefix_chunk<T, kD>(p, h, 0, kChunk, pk_s, pv_s, kLd);
 
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const int row0 = tile * kRows;
     __syncthreads();  // the previous tile is done with q_s (and, with several chunks, with pk_s / pv_s)
-    load_tile<T, kD>(q_s, kLd, kRows, p.head_dim, [&](int r) -> const T* {
-      const int row = row0 + r;
-      if (row >= rows_total) return nullptr;
-      const int t = row % p.steps, bg = row / p.steps;
-      const int hq = h * groups + bg % groups, b = bg / groups;
-      return q + b * p.q_stride_b + hq * p.q_stride_h + t * p.q_stride_t;
-    });
+    load_rows<T, kD>(q_s, kLd, kRows, fr, row0, p.head_dim, static_cast<const T*>(p.q), p.q_stride_b, p.q_stride_h,
+                     p.q_stride_t);
     __syncthreads();
 
     // Per thread: rows g and g + 8 of the warp's 16 (index 0 / 1 below).
@@ -96,7 +78,7 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) prefix_forward_kernel
     for (int chunk = 0; chunk < num_chunks; ++chunk) {
       if (num_chunks > 1) {
         __syncthreads();  // every warp is done with the previous chunk
-        load_chunk(chunk);
+        load_prefix_chunk<T, kD>(p, h, chunk * kChunk, kChunk, pk_s, pv_s, kLd);
         __syncthreads();
       }
       float s[kNT][4];
@@ -150,9 +132,9 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) prefix_forward_kernel
     for (int i = 0; i < 2; ++i) {
       const int row = row0 + warp * 16 + g + 8 * i;
       const float l_row = quad_sum(l[i]);  // all lanes of the quad take part (no early exit before this)
-      if (row >= rows_total) continue;
-      const int t = row % p.steps, bg = row / p.steps;
-      const int hq = h * groups + bg % groups, b = bg / groups;
+      if (row >= fr.total) continue;
+      int b, hq, t;
+      fr.decode(row, b, hq, t);
       const float l_pre = m[i] + logf(l_row);
       const float inv_l = 1.f / l_row;
 
