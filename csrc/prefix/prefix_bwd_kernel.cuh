@@ -25,6 +25,9 @@
 
 #include "common/numeric.cuh"
 #include "prefix/mma.cuh"
+#if !defined(FASTPEFT_HOST_EMULATION)
+#include "prefix/launch.cuh"
+#endif
 #include "prefix/prefix_bwd_dq_kernel.cuh"
 #include "prefix/prefix_bwd_rows.cuh"
 #include "prefix/prefix_params.h"
@@ -244,12 +247,7 @@ template <typename T, int kD>
 cudaError_t run_prefix_backward_impl(const PrefixBwdParams& p, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   auto launch = [&](auto kernel, const PrefixBwdParams& params, dim3 grid, int threads, int smem) {
-    if (smem > 48 * 1024) {
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (err != cudaSuccess) return false;
-    }
-    kernel<<<grid, threads, smem, stream>>>(params);
-    err = cudaGetLastError();
+    err = launch_kernel(kernel, params, grid, threads, smem, stream);
     return err == cudaSuccess;
   };
   schedule_prefix_backward<T, kD>(p, launch);

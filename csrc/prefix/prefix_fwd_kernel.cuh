@@ -18,6 +18,9 @@
 
 #include "common/numeric.cuh"
 #include "prefix/mma.cuh"
+#if !defined(FASTPEFT_HOST_EMULATION)
+#include "prefix/launch.cuh"
+#endif
 #include "prefix/prefix_params.h"
 #include "prefix/prefix_rows.cuh"
 
@@ -173,15 +176,9 @@ __global__ void __launch_bounds__(FwdTraits<kD>::kThreads) prefix_forward_kernel
 template <typename T, int kD>
 cudaError_t run_prefix_forward_impl(const PrefixFwdParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<kD>;
-  constexpr int smem = Tr::template smem_bytes<T>();
-  auto kernel = prefix_forward_kernel<T, kD>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(p.row_blocks, p.heads_kv);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_kernel(prefix_forward_kernel<T, kD>, p, dim3(p.row_blocks, p.heads_kv), Tr::kThreads,
+                       Tr::template smem_bytes<T>(), stream);
 }
-
 #endif  // !FASTPEFT_HOST_EMULATION
 
 }  // namespace prefix

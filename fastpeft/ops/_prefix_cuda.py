@@ -105,24 +105,16 @@ def efficient_bias(attn_mask: Optional[Tensor], causal_in_bias: bool, batch: int
     """
     if attn_mask is None and not causal_in_bias:
         return None
-    bias = None
-    if attn_mask is not None:
-        mask4 = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-        if mask4.dtype == torch.bool:
-            bias = torch.zeros(mask4.shape, dtype=dtype, device=device).masked_fill_(~mask4, float("-inf"))
-        else:
-            bias = mask4.to(dtype)
-    if causal_in_bias:
-        rows = torch.arange(t, device=device).unsqueeze(1)
-        cols = torch.arange(s, device=device).unsqueeze(0)
-        causal = torch.zeros(t, s, dtype=dtype, device=device).masked_fill_(cols > rows + (s - t), float("-inf"))
-        bias = causal.view(1, 1, t, s) if bias is None else bias + causal
+    bias = reference.main_score_bias(attn_mask, causal_in_bias, batch, heads, t, s, dtype, device)
+    # main_score_bias broadcasts to [B, Hq, T, S]; keep the dims it broadcast (stride 0) at size 1, so that a padding
+    # mask is not copied over heads and rows.
+    for dim in range(3):
+        if bias.stride(dim) == 0:
+            bias = bias.narrow(dim, 0, 1)
     # Copy into storage whose last dim is padded to a multiple of 16 (row strides aligned), keeping broadcast dims
     # of size 1; then broadcast to the full shape with zero strides (no copy).
     padded_s = -(-s // _sdpa_lse.EFFICIENT_BIAS_ALIGN) * _sdpa_lse.EFFICIENT_BIAS_ALIGN
     shape = tuple(bias.shape[:3])
-    if bias.shape[3] == 1:  # a mask constant along the keys still needs a real last dim
-        bias = bias.expand(*shape, s)
     storage = torch.empty(*shape, padded_s, dtype=dtype, device=device)
     aligned = storage[..., :s]
     aligned.copy_(bias)
