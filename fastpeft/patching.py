@@ -111,7 +111,9 @@ def _execute(model: nn.Module, plan: Plan, state: PatchState) -> None:
     method_params = []
 
     for lora in plan.lora:
-        wrapper = LoRALinear(model.get_submodule(lora.path), lora.parts, lora.config)
+        base = model.get_submodule(lora.path)
+        # New modules start in train mode; they follow the module they wrap (its dropout must not act in eval).
+        wrapper = LoRALinear(base, lora.parts, lora.config).train(base.training)
         _set_module(model, lora.path, wrapper)
         state.lora_paths.append(lora.path)
         method_params += list(wrapper.lora_A.values()) + list(wrapper.lora_B.values())
@@ -128,7 +130,7 @@ def _execute(model: nn.Module, plan: Plan, state: PatchState) -> None:
             sequential=item.config.insertion == "sequential",
             post_norm=norm,
             reads_sum=item.config.residual_input,
-        )
+        ).train(base.training)
         _set_module(model, item.path, wrapper)
         state.adapter_paths.append(item.path)
         if item.x_from is not None:
@@ -167,6 +169,7 @@ def _execute_prefix(model: nn.Module, plan: Plan, state: PatchState, probe: list
         dtype=reference.dtype,
     )
     encoder.checkpoint_probe = probe
+    encoder.train(model.training)
     model.add_module(PREFIX_ATTR, encoder)
     state.prefix_module = True
     if any(not s.legacy for s in sites):
