@@ -128,9 +128,8 @@ class PrefixEncoder(nn.Module):
         elif config.reparam_per_kind:
             self.reparams = nn.ModuleDict()
             for kind in dict.fromkeys(self.kinds):
-                kind_rows = self._kind_rows(kind)
                 self.reparams[kind] = Reparametrization(
-                    config.length, embedding_dim, config.reparam_dim, kind_rows, head_dim, **factory
+                    config.length, embedding_dim, config.reparam_dim, self.kind_rows(kind), head_dim, **factory
                 )
         else:
             self.embedding = nn.Parameter(torch.randn(config.length, embedding_dim, **factory))
@@ -143,7 +142,8 @@ class PrefixEncoder(nn.Module):
         # A layer of the model whose `gradient_checkpointing` flag transformers sets (in a list: not a submodule).
         self.checkpoint_probe: list = []
 
-    def _kind_rows(self, kind: str) -> int:
+    def kind_rows(self, kind: str) -> int:
+        """How many rows the sites of one kind hold."""
         return sum(2 * heads for heads, k in zip(self.kv_heads, self.kinds) if k == kind)
 
     @property
@@ -159,7 +159,7 @@ class PrefixEncoder(nn.Module):
         if "reparams" not in self._modules:
             return _compute_reparam(self, self.rows, self.head_dim, checkpointing)
         per_kind = {
-            kind: _compute_reparam(module, self._kind_rows(kind), self.head_dim, checkpointing)
+            kind: _compute_reparam(module, self.kind_rows(kind), self.head_dim, checkpointing)
             for kind, module in self.reparams.items()
         }
         # Each site takes the next rows of its kind's output, in site order.
