@@ -98,7 +98,8 @@ def _selected(config, index: int) -> bool:
     return config.layers is None or index in config.layers
 
 
-def _head_geometry(config, stack) -> tuple:
+def head_geometry(config, stack) -> tuple:
+    """(query heads, key/value heads, head size) of a stack."""
     heads = getattr(config, stack.heads)
     kv_heads = getattr(config, stack.kv_heads, None) if stack.kv_heads else None
     kv_heads = kv_heads or heads
@@ -245,7 +246,7 @@ def _plan_prefix(model, plan: Plan, stacks, method: PrefixConfig) -> None:
     if method.shift_positions:
         _plan_positions(model, plan)
     for stack, layers in stacks:
-        heads, kv_heads, head_dim = _head_geometry(config, stack)
+        heads, kv_heads, head_dim = head_geometry(config, stack)
         attentions = [(stack.self_attention, stack.name)]
         if stack.cross_attention is not None and method.cross_attention:
             attentions.append((stack.cross_attention, "cross"))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fastpeft.architectures import Arch
-from fastpeft.config import ATTN_ROLES, LoRAConfig, UnifiedConfig
+from fastpeft.config import ATTN_ROLES, ROLES, LoRAConfig, UnifiedConfig
 from fastpeft.patching import STATE_ATTR, build_plan, execute, undo
 
 
@@ -135,46 +135,38 @@ def lora_config(arch: Arch, model: nn.Module, units: dict, where: str) -> tuple:
     units sit, then planned on `model` (which is not modified) and the planned projections compared with the units:
     anything fastpeft would adapt differently raises `ConversionError` naming the projections.
     """
-    sites = {"attn": {}, "ffn": {}}  # site -> layer -> (roles, kinds)
-    fuse = False
+    covered = {}  # unit -> [(site, role, kind)]
     for unit in units:
-        covered = _roles_of(arch, model, unit.layer, unit.rel, unit.role)
-        if not covered:
+        covered[unit] = _roles_of(arch, model, unit.layer, unit.rel, unit.role)
+        if not covered[unit]:
             raise ConversionError(
                 f"{where}: LoRA on {unit.rel!r} (layer {unit.layer}) has no fastpeft role (fastpeft adapts the "
                 "attention projections q, k, v, o and the FFN projections)"
             )
-        if unit.role is None and len(covered) > 1 and covered[0][0] == "attn":
-            fuse = True  # one update on a whole fused projection (GPT-2's c_attn)
-        for site, role, kind in covered:
-            roles, kinds = sites[site].setdefault(unit.layer, (set(), set()))
-            roles.add(role)
-            if kind is not None:
-                kinds.add(kind)
     configs = {}
-    for site, layers in sites.items():
-        if not layers:
+    for site in ("attn", "ffn"):
+        mine = {unit: roles for unit, roles in covered.items() if roles[0][0] == site}
+        if not mine:
             configs[site] = None
             continue
-        settings = {units[u] for u in units if _roles_of(arch, model, u.layer, u.rel, u.role)[0][0] == site}
+        settings = {units[unit] for unit in mine}
         if len(settings) > 1:
             described = ", ".join(f"r={s[0]} alpha={s[1]} rslora={s[2]} dropout={s[3]}" for s in sorted(settings))
             raise ConversionError(
                 f"{where}: the {site} projections use different LoRA settings ({described}); fastpeft uses one "
-                f"rank, alpha and dropout per site"
+                "rank, alpha and dropout per site"
             )
-        r, alpha, rslora, dropout = settings.pop()
-        roles = sorted(set().union(*(roles for roles, _ in layers.values())), key=_role_order)
-        cross = any("cross" in kinds for _, kinds in layers.values())
+        (r, alpha, rslora, dropout), = settings
         configs[site] = LoRAConfig(
             r=r,
             alpha=alpha,
             rslora=rslora,
             dropout=dropout,
-            targets=tuple(roles),
-            layers=tuple(sorted(layers)),
-            cross_attention=cross,
-            fuse_slices=fuse and site == "attn",
+            targets=tuple(sorted({role for roles in mine.values() for _, role, _ in roles}, key=ROLES.index)),
+            layers=tuple(sorted({unit.layer for unit in mine})),
+            cross_attention=any(kind == "cross" for roles in mine.values() for _, _, kind in roles),
+            # One update on a whole fused projection (peft on GPT-2's c_attn) covers several roles.
+            fuse_slices=any(unit.role is None and len(roles) > 1 for unit, roles in mine.items()),
         )
     config = UnifiedConfig(attn=configs["attn"], ffn=configs["ffn"])
     planned = planned_units(arch, model, config)
@@ -191,10 +183,6 @@ def lora_config(arch: Arch, model: nn.Module, units: dict, where: str) -> tuple:
             f"to every selected layer, and a role to all of its projections): {detail}"
         )
     return configs["attn"], configs["ffn"]
-
-
-def _role_order(role: str) -> int:
-    return ("q", "k", "v", "o", "ffn_in", "ffn_out").index(role)
 
 
 def _describe(unit: LoRAUnit) -> str:
@@ -217,11 +205,16 @@ def planned_units(arch: Arch, model: nn.Module, config: UnifiedConfig) -> dict:
 
 
 class Writer:
-    """Writes source values into a patched model's parameters by name, and remembers which it wrote."""
+    """Writes source values into a patched model's parameters by name, and remembers which it wrote.
 
-    def __init__(self, model: nn.Module, where: str):
+    Inserted parameters take the source's floating dtype (peft keeps LoRA weights in float32 under a bfloat16 model;
+    fastpeft computes with them in the activations' dtype), so that no value is rounded on the way.
+    """
+
+    def __init__(self, model: nn.Module, where: str, inserted: frozenset = frozenset()):
         self.params = dict(model.named_parameters())
         self.where = where
+        self.inserted = inserted
         self.written = set()
 
     def __call__(self, name: str, value: torch.Tensor, what: Optional[str] = None) -> None:
@@ -237,6 +230,8 @@ class Writer:
                 raise ConversionError(
                     f"{self.where}: {what or name} has shape {list(source)} in the source, fastpeft expects {list(shape)}"
                 )
+        if name in self.inserted and value.dtype.is_floating_point and value.dtype != param.dtype:
+            param.data = param.data.to(value.dtype)
         param.copy_(value.to(device=param.device, dtype=param.dtype))
         self.written.add(name)
 
@@ -249,10 +244,10 @@ def apply_with_weights(model: nn.Module, config: UnifiedConfig, fill: Callable[[
     before = {id(p) for p in model.parameters()}
     state = execute(model, build_plan(model, config))
     try:
-        writer = Writer(model, where)
+        inserted = frozenset(n for n, p in model.named_parameters() if id(p) not in before)
+        writer = Writer(model, where, inserted)
         with torch.no_grad():
             fill(writer)
-        inserted = {n for n, p in model.named_parameters() if id(p) not in before}
         missing = sorted(inserted - writer.written)
         if missing:
             raise ConversionError(f"{where}: the source has no values for {', '.join(missing[:5])}")

@@ -55,6 +55,8 @@ _ACTIVATIONS = {
     "tanh": "tanh",
     "linear": "identity",
 }
+# adapter-transformers' names, renamed by AdapterHub when it loads a file without a "version".
+_OLD_ACTIVATION_NAMES = {"gelu": "gelu_new", "gelu_orig": "gelu"}
 _INITS = {"bert": "bert", "mam_adapter": "lora", "houlsby": "houlsby"}
 # Where AdapterHub keeps a layer's bottleneck adapters (relative to the layer): BERT's BertSelfOutput / BertOutput
 # are adapter layers themselves; other models hold `attention_adapters` / `output_adapters` modules.
@@ -66,7 +68,7 @@ _BOTTLENECK_SITES = {
 }
 # Architectures whose AdapterHub attention code loses the prefix under sdpa: boolean masks get the prefix columns
 # inverted to False (masked out), and a missing mask becomes sdpa's top-left causal alignment.
-_PREFIX_NEEDS_EAGER = ("gpt2", "llama", "bart", "mbart")
+_PREFIX_NEEDS_EAGER = ("gpt2", "llama", "mistral", "bart", "mbart")
 
 # Bottleneck fields: the only value fastpeft reproduces, for those it does not carry over.
 _BN_REQUIRED = {
@@ -184,7 +186,11 @@ def load_adapters_checkpoint(base_model: nn.Module, directory) -> nn.Module:
         tensors = torch.load(pickled, map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"{where}: no adapter.safetensors or pytorch_adapter.bin in {str(directory)!r}")
-    return _apply(base_model, record["config"], tensors, record["name"], where)
+    config = dict(record["config"])
+    if "version" not in record and config.get("non_linearity") in _OLD_ACTIVATION_NAMES:
+        # Files from adapter-transformers (no "version") name the activations as AdapterHub's loader renames them.
+        config["non_linearity"] = _OLD_ACTIVATION_NAMES[config["non_linearity"]]
+    return _apply(base_model, config, tensors, record["name"], where)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+
 import torch
 from torch import nn
 
@@ -33,6 +34,7 @@ from fastpeft.interop._common import (
     transformers_class,
 )
 from fastpeft.patching import PREFIX_ATTR, head_parameters
+from fastpeft.plan import head_geometry
 
 # Checkpoint keys start with the PeftModel's path to the transformers model: "base_model.model." for LoRA (the
 # LoraModel wraps it), "base_model." for prompt learning.
@@ -77,18 +79,20 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         raise ConversionError(f"{where}: peft is not installed") from None
     if not isinstance(peft_model, peft.PeftModel):
         raise TypeError(f"{where}: 'peft_model' must be a peft.PeftModel, got {type(peft_model).__name__}")
-    adapter = peft_model.active_adapter
-    if not isinstance(adapter, str):
-        raise ConversionError(f"{where}: several adapters are active ({adapter}); activate exactly one")
+    active = peft_model.active_adapters
+    if len(active) != 1:
+        raise ConversionError(f"{where}: {len(active)} adapters are active ({active}); activate exactly one")
+    (adapter,) = active
     config = peft_model.peft_config[adapter].to_dict()
+    kind = _peft_type(config, where)
+    _check_config(config, kind, where, loading=False)  # before anything is built
     base = peft_model.get_base_model()
     if any(getattr(m, "merged", False) for m in base.modules() if hasattr(m, "merged_adapters")):
         raise ConversionError(f"{where}: the LoRA weights are merged into the base model; call unmerge_adapter()")
     model = rebuild(base, transformers_class(base), _base_tensors(base, adapter), where)
-    kind = _peft_type(config, where)
     if kind == "LORA":
         state = peft.get_peft_model_state_dict(peft_model, adapter_name=adapter)
-        return _apply_lora(model, config, state, where, loading=False)
+        return _apply_lora(model, config, state, where)
     encoder = peft_model.prompt_encoder[adapter]
     if config.get("prefix_projection") and not config.get("inference_mode"):
         weights = {
@@ -119,15 +123,16 @@ def load_peft_checkpoint(base_model: nn.Module, directory) -> nn.Module:
         raise FileNotFoundError(f"{where}: {config_path!r} not found (expected a peft save_pretrained directory)")
     with open(config_path) as f:
         config = json.load(f)
-    tensors = _read_weights(directory, where)
     kind = _peft_type(config, where)
+    _check_config(config, kind, where, loading=True)
+    tensors = _read_weights(directory, where)
     if kind == "LORA":
-        return _apply_lora(base_model, config, tensors, where, loading=True)
+        return _apply_lora(base_model, config, tensors, where)
     if "prompt_embeddings" not in tensors:
         raise ConversionError(f"{where}: the checkpoint in {directory!r} has no 'prompt_embeddings'")
     heads = {k: v for k, v in tensors.items() if k != "prompt_embeddings"}
     # peft saves the prefix its encoder computes (with prefix_projection, the MLP's output): a flat prefix.
-    return _apply_prefix(base_model, {**config, "prefix_projection": False}, {"prefix": tensors["prompt_embeddings"]}, heads, where)
+    return _apply_prefix(base_model, config, {"prefix": tensors["prompt_embeddings"]}, heads, where)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,31 +193,22 @@ def _check_flags(config: dict, neutral: set, required: dict, where: str, what: s
             raise ConversionError(f"{where}: {what}.{key}={value!r} is not supported by fastpeft's conversion")
 
 
-def _head_config(model: nn.Module, modules_to_save, where: str) -> bool:
-    """Whether fastpeft trains the task head: peft's `modules_to_save` must be exactly the model's task head."""
-    names = [n for n in (modules_to_save or []) if _has_module(model, n)]
-    if not names:
+def _head_config(model: nn.Module, config: dict, what: str, where: str) -> bool:
+    """Whether fastpeft trains the task head: peft's `modules_to_save` must be exactly the model's task head.
+
+    peft matches `modules_to_save` names against the end of module paths, and ignores names matching nothing
+    (its sequence-classification default lists both "classifier" and "score")."""
+    names = config.get("modules_to_save") or []
+    modules = [m for path, m in model.named_modules() if any(path == n or path.endswith("." + n) for n in names)]
+    if not modules:
         return False
-    saved = {id(p) for name in names for p in _find_module(model, name).parameters()}
-    head = {id(p) for p in head_parameters(model)}
-    if saved != head:
+    saved = {id(p) for module in modules for p in module.parameters()}
+    if saved != {id(p) for p in head_parameters(model)}:
         raise ConversionError(
-            f"{where}: LoraConfig.modules_to_save={modules_to_save!r} is not supported: fastpeft trains the whole task "
-            "head (the parameters outside the base model) or nothing besides the method"
+            f"{where}: {what}.modules_to_save={names!r} is not supported: fastpeft trains the whole task head (the "
+            "parameters outside the base model) or nothing besides the method"
         )
     return True
-
-
-def _has_module(model, name) -> bool:
-    return _find_module(model, name) is not None
-
-
-def _find_module(model, name):
-    # peft matches modules_to_save by the last component(s) of the module name.
-    for path, module in model.named_modules():
-        if path == name or path.endswith("." + name):
-            return module
-    return None
 
 
 def _strip(key: str) -> str:
@@ -233,7 +229,11 @@ def _copy_heads(write: Writer, heads: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _apply_lora(model: nn.Module, config: dict, tensors: dict, where: str, loading: bool) -> nn.Module:
+def _check_config(config: dict, kind: str, where: str, loading: bool) -> None:
+    """Refuse, naming the flag and its value, every setting fastpeft does not reproduce."""
+    if kind == "PREFIX_TUNING":
+        _check_flags(config, _PREFIX_NEUTRAL, {}, where, "PrefixTuningConfig")
+        return
     _check_flags(config, _LORA_NEUTRAL, _LORA_REQUIRED, where, "LoraConfig")
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.startswith("mica"):
@@ -244,6 +244,9 @@ def _apply_lora(model: nn.Module, config: dict, tensors: dict, where: str, loadi
             "initialisation rewrites the base weights, so the adapter only fits the rewritten base model (convert the "
             "live PeftModel with fastpeft.from_peft instead)"
         )
+
+
+def _apply_lora(model: nn.Module, config: dict, tensors: dict, where: str) -> nn.Module:
     arch = find_arch(model)
     pairs, heads = {}, {}
     for key, value in tensors.items():
@@ -255,21 +258,29 @@ def _apply_lora(model: nn.Module, config: dict, tensors: dict, where: str, loadi
                 break
         else:
             if "lora_" in name:
-                raise ConversionError(f"{where}: {key!r} is a LoRA weight fastpeft does not reproduce (embedding or conv LoRA?)")
+                raise ConversionError(
+                    f"{where}: {key!r} is a LoRA weight fastpeft does not reproduce (LoRA on an embedding or a conv?)"
+                )
             heads[key] = value
     units, weights = {}, {}
     for path, pair in pairs.items():
         found = locate(arch, model, path)
-        if found is None or set(pair) != {"lora_A", "lora_B"}:
-            raise ConversionError(f"{where}: LoRA on {path!r} cannot be converted: fastpeft adapts projections inside the layers only")
+        if found is None:
+            raise ConversionError(
+                f"{where}: LoRA on {path!r} cannot be converted: it is not a projection inside the layers of this "
+                f"{type(model).__name__} (fastpeft adapts those only; or the adapter was made for another model)"
+            )
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ConversionError(f"{where}: LoRA on {path!r} lacks {sorted({'lora_A', 'lora_B'} - set(pair))}")
         unit = LoRAUnit(found[0], found[1], None)
         r = pair["lora_A"].shape[0]
-        units[unit] = (r, config["lora_alpha"], bool(config.get("use_rslora")), float(config.get("lora_dropout") or 0.0))
+        dropout = float(config.get("lora_dropout") or 0.0)
+        units[unit] = (r, config["lora_alpha"], bool(config.get("use_rslora")), dropout)
         weights[unit] = (pair["lora_A"], pair["lora_B"])
     if not units:
         raise ConversionError(f"{where}: the adapter holds no LoRA weights")
     attn, ffn = lora_config(arch, model, units, where)
-    train_head = _head_config(model, config.get("modules_to_save"), where)
+    train_head = _head_config(model, config, "LoraConfig", where)
     unified = UnifiedConfig(attn=attn, ffn=ffn, train_head=train_head)
     targets = planned_units(arch, model, unified)
 
@@ -289,7 +300,6 @@ def _apply_lora(model: nn.Module, config: dict, tensors: dict, where: str, loadi
 
 
 def _apply_prefix(model: nn.Module, config: dict, weights: dict, heads: dict, where: str) -> nn.Module:
-    _check_flags(config, _PREFIX_NEUTRAL, {}, where, "PrefixTuningConfig")
     arch = find_arch(model)
     if len(arch.stacks) != 1 or (config.get("num_transformer_submodules") or 1) != 1:
         raise ConversionError(
@@ -302,15 +312,14 @@ def _apply_prefix(model: nn.Module, config: dict, weights: dict, heads: dict, wh
     if window is not None:
         raise ConversionError(
             f"{where}: prefix tuning with sliding_window={window} is not supported: peft's prefix sits in the KV cache, "
-            "where the sliding window hides it from later tokens; fastpeft's prefix is seen by every token. With "
-            f"sequences of at most sliding_window - num_virtual_tokens tokens, set config.sliding_window = None first"
+            "where the sliding window hides it from later tokens; fastpeft's prefix is seen by every token. The two "
+            "agree only on sequences of at most sliding_window - num_virtual_tokens tokens; to convert anyway, load "
+            "the model with sliding_window=None (which also lifts the window for the real tokens)"
         )
     length = config["num_virtual_tokens"]
     stack = arch.stacks[0]
     layers = len(model.base_model.get_submodule(stack.layers))
-    heads_ = getattr(model_config, stack.heads)
-    kv_heads = (getattr(model_config, stack.kv_heads, None) if stack.kv_heads else None) or heads_
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads_
+    _, kv_heads, head_dim = head_geometry(model_config, stack)
     expected = {"num_layers": layers, "num_attention_heads": kv_heads, "token_dim": kv_heads * head_dim}
     for key, value in expected.items():
         if config.get(key) != value:
@@ -327,7 +336,7 @@ def _apply_prefix(model: nn.Module, config: dict, weights: dict, heads: dict, wh
         cross_attention=False,
         shift_positions=True,
     )
-    train_head = _head_config(model, config.get("modules_to_save"), where)
+    train_head = _head_config(model, config, "PrefixTuningConfig", where)
     unified = UnifiedConfig(attn=prefix, train_head=train_head)
 
     def fill(write: Writer):

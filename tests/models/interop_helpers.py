@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+import fastpeft
 from model_helpers import task_labels
 
 
@@ -46,7 +47,10 @@ def check_gradients(source, convert, arch: str, data: dict) -> int:
     ours.train()
     ours_grads = gradients(ours, arch, data)
     source_grads = gradients(source, arch, data)
-    assert ours_grads, "the converted model has no trainable parameter with a gradient"
+    # Both train the same number of values, and every one of them gets a gradient.
+    assert sum(p.numel() for p in source.parameters() if p.requires_grad) == fastpeft.trainable_parameters(ours)[0]
+    assert set(ours_grads) == {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert set(source_grads) == {n for n, p in source.named_parameters() if p.requires_grad}
     with torch.no_grad():
         for name, p in source.named_parameters():
             if name in source_grads:

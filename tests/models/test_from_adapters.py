@@ -6,6 +6,8 @@ generated tokens, and a checkpoint written by `save_adapter` loads into a fresh 
 Configurations fastpeft cannot reproduce raise errors naming the flag and its value.
 """
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -244,3 +246,38 @@ def test_refused_checkpoint_leaves_the_base_model_unchanged(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         fastpeft.load_adapters_checkpoint(fresh, tmp_path)
     assert_same_model(fresh, before)
+
+
+@pytest.mark.parametrize("case,arch", [("mam", "bart"), ("prefix_tuning_flat", "mbart"), ("lora", "gpt2")])
+def test_converted_model_saves_loads_merges_and_ejects(case, arch, tmp_path):
+    theirs = prepared(case, arch)
+    ours = fastpeft.from_adapters(theirs)
+    data = inputs(arch)
+    with torch.no_grad():
+        expected = output(theirs, data)
+    fastpeft.save_adapter(ours, tmp_path)
+    fresh = fastpeft.load_adapter(build(arch, "task", attn_implementation="eager"), tmp_path)
+    assert fastpeft.get_patch_config(fresh) == fastpeft.get_patch_config(ours)
+    if case == "mam":
+        fastpeft.eject_prefix(fresh)  # one MLP per kind of attention, ejected
+        assert not fastpeft.get_patch_config(fresh).attn.reparam_per_kind
+    elif case == "lora":
+        fastpeft.merge_lora(fresh)
+    with torch.no_grad():
+        assert_f32_close(output(fresh, data), expected, f"{case} on {arch} after save, load and merge / eject")
+
+
+def test_files_without_a_version_use_the_old_activation_names(tmp_path):
+    # adapter-transformers wrote "gelu" for what AdapterHub now calls "gelu_new"; AdapterHub renames on loading.
+    theirs = prepared("seq_bn_options", "bert")
+    theirs.save_adapter(str(tmp_path), "a")
+    path = tmp_path / "adapter_config.json"
+    record = json.loads(path.read_text())
+    del record["version"]
+    record["config"]["non_linearity"] = "gelu"
+    path.write_text(json.dumps(record))
+    fresh = fastpeft.load_adapters_checkpoint(build("bert", "task", attn_implementation="eager"), tmp_path)
+    assert fastpeft.get_patch_config(fresh).ffn.activation == "gelu_tanh"
+    data = inputs("bert")
+    with torch.no_grad():
+        assert_f32_close(output(fresh, data), output(theirs, data), "old activation name")
