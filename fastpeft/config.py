@@ -67,7 +67,7 @@ class AdapterConfig:
         scale: s, a float, or "learned" (a trained scalar starting at 1.0).
         init: "lora" (W_down Kaiming-uniform, W_up = 0: exact identity), "bert" (both N(0, 0.02)) or
             "houlsby" (both N(0, 0.01) truncated at 2 std); biases start at zero.
-        dropout: dropout on the adapter's input while training.
+        dropout: dropout while training, on the adapter's input (or output: `dropout_position`).
         layers: layer indices to adapt (encoder layers first, then decoder layers); None for all.
         original_ln_before: sequential insertion in post-LN models (BERT, RoBERTa, BART) only: the adapter reads
             LayerNorm(h + residual) through the block's own LayerNorm instead of h, and still adds onto h

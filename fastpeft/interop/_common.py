@@ -40,16 +40,19 @@ def transformers_class(module: nn.Module) -> type:
 
 
 def rebuild(source: nn.Module, cls: type, tensor_for: Callable[[str], Optional[torch.Tensor]], where: str) -> nn.Module:
-    """A model of class `cls` with `source`'s config whose every parameter and buffer is the source's own tensor
-    (`tensor_for(name)`, the same Parameter object: nothing is copied, tied weights stay tied).
+    """A model of class `cls` with `source`'s config whose parameters and buffers are the source's own tensors
+    (`tensor_for(name)`): nothing is copied, and training either model updates the weights of both.
 
-    The model is built on the meta device, so building it allocates nothing.
+    Parameters are new `nn.Parameter` objects over the same storage (one per source parameter, so tied weights stay
+    tied), so that freezing or training the converted model does not change the source's requires_grad flags or
+    gradients. The model is built on the meta device, so building it allocates nothing.
     """
     config = copy.deepcopy(source.config)
     if hasattr(config, "adapters"):  # AdapterHub's bookkeeping, not part of the transformers config
         del config.adapters
     with torch.device("meta"):
         model = cls(config)
+    shared = {}  # id of a source parameter -> its counterpart here
     for kind, named in (("parameter", model.named_parameters), ("buffer", model.named_buffers)):
         for name, _ in list(named(remove_duplicate=False)):
             tensor = tensor_for(name)
@@ -57,8 +60,12 @@ def rebuild(source: nn.Module, cls: type, tensor_for: Callable[[str], Optional[t
                 raise ConversionError(f"{where}: the source model has no {kind} for {type(model).__name__}.{name}")
             parent, _, leaf = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model
-            store = owner._parameters if kind == "parameter" else owner._buffers
-            store[leaf] = tensor
+            if kind == "parameter":
+                if id(tensor) not in shared:
+                    shared[id(tensor)] = nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad)
+                owner._parameters[leaf] = shared[id(tensor)]
+            else:
+                owner._buffers[leaf] = tensor
     if getattr(source, "generation_config", None) is not None and hasattr(model, "generation_config"):
         model.generation_config = copy.deepcopy(source.generation_config)
     model.train(source.training)

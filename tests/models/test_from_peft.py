@@ -249,3 +249,14 @@ def test_new_config_fields_are_checked():
     with pytest.raises(ValueError, match="shift_positions is not supported for bart"):
         fastpeft.apply(model, fastpeft.PrefixConfig(length=2, shift_positions=True))
     assert_same_model(model, before)
+
+
+def test_base_weights_are_shared_not_copied_and_the_source_is_untouched():
+    theirs = prepared("lora", "llama")
+    before = snapshot_model(theirs)
+    ours = fastpeft.from_peft(theirs)
+    assert_same_model(theirs, before)  # same modules, weights, flags, hooks
+    q_theirs = theirs.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    q_ours = ours.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert q_ours.data_ptr() == q_theirs.data_ptr() and q_ours is not q_theirs
+    assert ours.lm_head.weight.data_ptr() == theirs.get_base_model().lm_head.weight.data_ptr()
