@@ -458,6 +458,8 @@ def _fill_prefix(write: Writer, model: nn.Module, config: PrefixConfig, weights:
         for kind, params in by_kind.items():
             holder = f"{PREFIX_ATTR}.reparams.{kind}." if config.reparam_per_kind else f"{PREFIX_ATTR}."
             for param, value in params.items():
+                if param not in names:
+                    raise ConversionError(f"{where}: the {kind} prefix has a flat {param!r}, the config an MLP")
                 write(holder + names[param], value, f"the {kind} prefix MLP's {param}")
         return
     # Flat: each kind's [L * rows_k * D] vector is [L, rows_k, D]; its rows go to its sites in order.
@@ -469,9 +471,4 @@ def _fill_prefix(write: Writer, model: nn.Module, config: PrefixConfig, weights:
         if flat is None or flat.numel() != length * rows * dim:
             raise ConversionError(f"{where}: the flat {kind} prefix does not have {length} x {rows} x {dim} values")
         per_kind[kind] = flat.view(length, rows, dim).transpose(0, 1)
-    taken = dict.fromkeys(per_kind, 0)
-    pieces = []
-    for heads, kind in zip(encoder.kv_heads, encoder.kinds):
-        pieces.append(per_kind[kind][taken[kind] : taken[kind] + 2 * heads])
-        taken[kind] += 2 * heads
-    write(f"{PREFIX_ATTR}.prefix", torch.cat(pieces), "the flat prefix")
+    write(f"{PREFIX_ATTR}.prefix", encoder.assemble(per_kind), "the flat prefix")

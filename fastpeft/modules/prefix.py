@@ -65,8 +65,8 @@ class _ReparametrizeRerunnable(torch.autograd.Function):
 
 
 class Reparametrization(nn.Module):
-    """Prefixes through an MLP (PAPER.md section 3): `embedding` [L, e], `down` (Linear e -> m), `up` (Linear
-    m -> rows * D, output index = row * D + dim). `compute` gives [rows, L, D]."""
+    """The prefixes of some sites through an MLP (PAPER.md section 3): `embedding` [L, e], `down` (Linear e -> m),
+    `up` (Linear m -> rows * D, output index = row * D + dim)."""
 
     def __init__(self, length: int, embedding_dim: int, reparam_dim: int, rows: int, head_dim: int, **factory):
         super().__init__()
@@ -158,11 +158,16 @@ class PrefixEncoder(nn.Module):
         checkpointing = probe is not None and getattr(probe, "gradient_checkpointing", False) and self.training
         if "reparams" not in self._modules:
             return _compute_reparam(self, self.rows, self.head_dim, checkpointing)
-        per_kind = {
-            kind: _compute_reparam(module, self.kind_rows(kind), self.head_dim, checkpointing)
-            for kind, module in self.reparams.items()
-        }
-        # Each site takes the next rows of its kind's output, in site order.
+        return self.assemble(
+            {
+                kind: _compute_reparam(module, self.kind_rows(kind), self.head_dim, checkpointing)
+                for kind, module in self.reparams.items()
+            }
+        )
+
+    def assemble(self, per_kind: dict) -> Tensor:
+        """All prefixes [rows, L, D] from each kind's prefixes {kind: [kind_rows(kind), L, D]}: each site takes the
+        next rows of its kind, in site order."""
         taken = dict.fromkeys(per_kind, 0)
         pieces = []
         for heads, kind in zip(self.kv_heads, self.kinds):
