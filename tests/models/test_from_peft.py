@@ -165,6 +165,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")  # peft's own note on the refused config
 @pytest.mark.parametrize("arch,make,message", REFUSED, ids=[m for _, _, m in REFUSED])
 def test_refused_flags_name_flag_and_value(arch, make, message):
     config = make()
