@@ -29,6 +29,13 @@ from fastpeft.model_api import (
     trainable_parameters,
 )
 from fastpeft.serialization import load_adapter, save_adapter
+from fastpeft.interop import (
+    ConversionError,
+    from_adapters,
+    from_peft,
+    load_adapters_checkpoint,
+    load_peft_checkpoint,
+)
 
 __all__ = [
     "__version__",
@@ -57,4 +64,10 @@ __all__ = [
     "load_adapter",
     "merge_lora",
     "eject_prefix",
+    # Drop-in conversion from peft and AdapterHub adapters.
+    "from_peft",
+    "load_peft_checkpoint",
+    "from_adapters",
+    "load_adapters_checkpoint",
+    "ConversionError",
 ]

@@ -37,6 +37,9 @@ class AdapterSite:
     # Post-LN models: the LayerNorm the block applies to (sublayer output + residual), the residual being the
     # sublayer input above. None in pre-LN models.
     post_norm: Optional[str] = None
+    # Pre-LN models: (module, argument name, position) whose input is the block's residual stream, the input of
+    # the LayerNorm in front of the sublayer. None in post-LN models, where the residual is the sublayer input.
+    residual_from: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,17 @@ class Attention:
     k: tuple
     v: tuple
     o: tuple
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Where the token positions enter the model (`PrefixConfig.shift_positions`): module `module` (relative to the
+    base model) receives the position ids as argument `arg` (name, position), or, when the caller passes none, derives
+    them itself from argument `past_length` (the number of cached positions), if it has one."""
+
+    module: str
+    arg: tuple
+    past_length: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ class Arch:
     # The attention implementation before transformers routed it through `ALL_ATTENTION_FUNCTIONS`
     # (BERT and RoBERTa in 4.57): the prefix then replaces the self-attention's forward (`modules.prefix`).
     legacy_attention: Optional[str] = None
+    positions: Optional[Positions] = None
 
 
 def _mha(module: str, q: str, k: str, v: str, o: str) -> Attention:
@@ -101,8 +116,20 @@ _BERT_STACK = Stack(
     heads="num_attention_heads",
 )
 
-BERT = Arch("bert", ("bert",), (_BERT_STACK,), embeddings=("embeddings",), legacy_attention="bert")
-ROBERTA = Arch("roberta", ("roberta",), (_BERT_STACK,), embeddings=("embeddings",), legacy_attention="bert")
+# BertEmbeddings / RobertaEmbeddings take explicit position ids, or derive them from `past_key_values_length`
+# (RoBERTa keeps padding tokens at its padding position).
+_BERT_POSITIONS = Positions("embeddings", ("position_ids", 2), past_length="past_key_values_length")
+BERT = Arch(
+    "bert", ("bert",), (_BERT_STACK,), embeddings=("embeddings",), legacy_attention="bert", positions=_BERT_POSITIONS
+)
+ROBERTA = Arch(
+    "roberta",
+    ("roberta",),
+    (_BERT_STACK,),
+    embeddings=("embeddings",),
+    legacy_attention="bert",
+    positions=_BERT_POSITIONS,
+)
 
 GPT2 = Arch(
     "gpt2",
@@ -121,12 +148,17 @@ GPT2 = Arch(
             cross_attention=None,
             ffn_in=(Proj("mlp.c_fc"),),
             ffn_out=(Proj("mlp.c_proj"),),
-            attn_adapter=AdapterSite(out="attn.c_proj", x_from="attn", x_arg=("hidden_states", 0)),
-            ffn_adapter=AdapterSite(out="mlp.c_proj", x_from="mlp", x_arg=("hidden_states", 0)),
+            attn_adapter=AdapterSite(
+                out="attn.c_proj", x_from="attn", x_arg=("hidden_states", 0), residual_from=("ln_1", "input", 0)
+            ),
+            ffn_adapter=AdapterSite(
+                out="mlp.c_proj", x_from="mlp", x_arg=("hidden_states", 0), residual_from=("ln_2", "input", 0)
+            ),
             heads="num_attention_heads",
         ),
     ),
     embeddings=("wte",),
+    positions=Positions("wpe", ("input", 0)),  # the position embedding table
 )
 
 LLAMA = Arch(
@@ -142,13 +174,24 @@ LLAMA = Arch(
             cross_attention=None,
             ffn_in=(Proj("mlp.gate_proj"), Proj("mlp.up_proj")),
             ffn_out=(Proj("mlp.down_proj"),),
-            attn_adapter=AdapterSite(out="self_attn.o_proj", x_from="self_attn", x_arg=("hidden_states", 0)),
-            ffn_adapter=AdapterSite(out="mlp.down_proj", x_from="mlp", x_arg=("x", 0)),
+            attn_adapter=AdapterSite(
+                out="self_attn.o_proj",
+                x_from="self_attn",
+                x_arg=("hidden_states", 0),
+                residual_from=("input_layernorm", "hidden_states", 0),
+            ),
+            ffn_adapter=AdapterSite(
+                out="mlp.down_proj",
+                x_from="mlp",
+                x_arg=("x", 0),
+                residual_from=("post_attention_layernorm", "hidden_states", 0),
+            ),
             heads="num_attention_heads",
             kv_heads="num_key_value_heads",
         ),
     ),
     embeddings=("embed_tokens",),
+    positions=Positions("rotary_emb", ("position_ids", 1)),  # the rotary embedding's cos / sin
 )
 
 
@@ -156,6 +199,9 @@ def _bart_stack(name: str, heads: str, cross: bool, post_ln: bool) -> Stack:
     # BART normalises after each sublayer (post-LN), mBART before (pre-LN).
     attn_norm = "self_attn_layer_norm" if post_ln else None
     ffn_norm = "final_layer_norm" if post_ln else None
+    # Pre-LN (mBART): the residual stream is what enters the LayerNorm in front of each sublayer.
+    attn_residual = None if post_ln else ("self_attn_layer_norm", "input", 0)
+    ffn_residual = None if post_ln else ("final_layer_norm", "input", 0)
     return Stack(
         name=name,
         layers=f"{name}.layers",
@@ -174,9 +220,15 @@ def _bart_stack(name: str, heads: str, cross: bool, post_ln: bool) -> Stack:
         ffn_in=(Proj("fc1"),),
         ffn_out=(Proj("fc2"),),
         attn_adapter=AdapterSite(
-            out="self_attn.out_proj", x_from="self_attn", x_arg=("hidden_states", 0), post_norm=attn_norm
+            out="self_attn.out_proj",
+            x_from="self_attn",
+            x_arg=("hidden_states", 0),
+            post_norm=attn_norm,
+            residual_from=attn_residual,
         ),
-        ffn_adapter=AdapterSite(out="fc2", x_from="fc1", x_arg=("input", 0), post_norm=ffn_norm),
+        ffn_adapter=AdapterSite(
+            out="fc2", x_from="fc1", x_arg=("input", 0), post_norm=ffn_norm, residual_from=ffn_residual
+        ),
         heads=heads,
     )
 

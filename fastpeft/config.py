@@ -14,6 +14,7 @@ Every method of the unified view is one of three configs, placed at a site of ea
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -22,6 +23,7 @@ from fastpeft.reference import ACTIVATIONS
 INSERTIONS = ("parallel", "sequential")
 SITES = ("attn", "ffn")
 ADAPTER_INITS = ("lora", "bert", "houlsby")
+DROPOUT_POSITIONS = ("input", "output")
 ATTN_ROLES = ("q", "k", "v", "o")
 FFN_ROLES = ("ffn_in", "ffn_out")
 ROLES = ATTN_ROLES + FFN_ROLES
@@ -65,11 +67,18 @@ class AdapterConfig:
         scale: s, a float, or "learned" (a trained scalar starting at 1.0).
         init: "lora" (W_down Kaiming-uniform, W_up = 0: exact identity), "bert" (both N(0, 0.02)) or
             "houlsby" (both N(0, 0.01) truncated at 2 std); biases start at zero.
-        dropout: dropout on the adapter's input while training.
+        dropout: dropout while training, on the adapter's input (or output: `dropout_position`).
         layers: layer indices to adapt (encoder layers first, then decoder layers); None for all.
         original_ln_before: sequential insertion in post-LN models (BERT, RoBERTa, BART) only: the adapter reads
             LayerNorm(h + residual) through the block's own LayerNorm instead of h, and still adds onto h
             (AdapterHub's `seq_bn` / Pfeiffer default; the block then applies its LayerNorm as usual).
+        residual_input: the adapter reads the block's residual stream (the input of the LayerNorm in front of the
+            sublayer in pre-LN models; the sublayer's input in post-LN models). Parallel insertion: x = residual
+            instead of the sublayer's normalised input (AdapterHub's `par_bn`). Sequential insertion: x = h +
+            residual, and the adapter still adds onto h (AdapterHub's `seq_bn` on pre-LN models, which have no
+            LayerNorm after the sublayer to apply; see `original_ln_before` for post-LN models).
+        dropout_position: where `dropout` applies while training: "input" (on x) or "output" (on the scaled
+            change s * Delta h, as AdapterHub does). The same in eval.
     """
 
     r: int
@@ -81,6 +90,8 @@ class AdapterConfig:
     dropout: float = 0.0
     layers: Optional[tuple] = None
     original_ln_before: bool = False
+    residual_input: bool = False
+    dropout_position: str = "input"
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -100,6 +111,12 @@ class AdapterConfig:
             _fail(cls, "original_ln_before", "a bool", self.original_ln_before)
         if self.original_ln_before and self.insertion != "sequential":
             _fail(cls, "original_ln_before", "False with parallel insertion (it is a sequential option)", True)
+        if not isinstance(self.residual_input, bool):
+            _fail(cls, "residual_input", "a bool", self.residual_input)
+        if self.residual_input and self.original_ln_before:
+            _fail(cls, "residual_input", "False with original_ln_before (that already reads h + residual)", True)
+        if self.dropout_position not in DROPOUT_POSITIONS:
+            _fail(cls, "dropout_position", f"one of {DROPOUT_POSITIONS}", self.dropout_position)
         if isinstance(self.scale, int):
             object.__setattr__(self, "scale", float(self.scale))
         object.__setattr__(self, "layers", _layers_tuple(cls, self.layers))
@@ -117,6 +134,10 @@ class LoRAConfig:
             `c_attn` get one LoRA per role on that role's slice of the output.
         layers: layer indices to adapt (encoder layers first, then decoder layers); None for all.
         cross_attention: also adapt the cross-attention projections of encoder-decoder models.
+        rslora: scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA, peft's `use_rslora`).
+        fuse_slices: on a fused projection whose slices are all targeted (GPT-2's `c_attn` with q, k and v), one
+            LoRA over its whole output, A shared by the slices (peft's form; the role is named "q_k_v"), instead
+            of one LoRA per slice (AdapterHub's form).
     """
 
     r: int = 8
@@ -125,6 +146,8 @@ class LoRAConfig:
     targets: tuple = ("q", "v")
     layers: Optional[tuple] = None
     cross_attention: bool = True
+    rslora: bool = False
+    fuse_slices: bool = False
 
     def __post_init__(self):
         cls = type(self).__name__
@@ -137,14 +160,15 @@ class LoRAConfig:
             _fail(cls, "targets", f"a non-empty sequence of roles from {ROLES}", self.targets)
         if len(set(targets)) != len(targets):
             _fail(cls, "targets", "roles without repetition", self.targets)
-        if not isinstance(self.cross_attention, bool):
-            _fail(cls, "cross_attention", "a bool", self.cross_attention)
+        for name in ("cross_attention", "rslora", "fuse_slices"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(cls, name, "a bool", getattr(self, name))
         object.__setattr__(self, "targets", tuple(targets))
         object.__setattr__(self, "layers", _layers_tuple(cls, self.layers))
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
 
 
 @dataclass(frozen=True)
@@ -157,20 +181,36 @@ class PrefixConfig:
             once per forward; None keeps the prefix as a plain parameter (the form `eject_prefix` leaves).
         layers: layer indices to adapt (encoder layers first, then decoder layers); None for all.
         cross_attention: also prefix the cross-attention of encoder-decoder models.
+        embedding_dim: width of the reparametrization's input embedding; None for the model's hidden size
+            (peft uses the key/value width, which differs with grouped-query attention).
+        reparam_per_kind: one reparametrization MLP per kind of attention (encoder self-attention, decoder
+            self-attention, cross-attention), as AdapterHub does, instead of one for the whole model.
+        shift_positions: real tokens take positions `length`, `length` + 1, ... as if the prefix occupied the
+            first positions of the sequence (peft's convention: its prefix sits in the KV cache). The prefix itself
+            still has no position (it is never rotated).
     """
 
     length: int = 30
     reparam_dim: Optional[int] = 512
     layers: Optional[tuple] = None
     cross_attention: bool = True
+    embedding_dim: Optional[int] = None
+    reparam_per_kind: bool = False
+    shift_positions: bool = False
 
     def __post_init__(self):
         cls = type(self).__name__
         _check_int(cls, "length", self.length, 1)
         if self.reparam_dim is not None:
             _check_int(cls, "reparam_dim", self.reparam_dim, 1)
-        if not isinstance(self.cross_attention, bool):
-            _fail(cls, "cross_attention", "a bool", self.cross_attention)
+        for name in ("cross_attention", "reparam_per_kind", "shift_positions"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(cls, name, "a bool", getattr(self, name))
+        if self.embedding_dim is not None:
+            _check_int(cls, "embedding_dim", self.embedding_dim, 1)
+        if self.reparam_dim is None and (self.embedding_dim is not None or self.reparam_per_kind):
+            name = "embedding_dim" if self.embedding_dim is not None else "reparam_per_kind"
+            _fail(cls, name, "unset without a reparametrization (reparam_dim is None)", getattr(self, name))
         object.__setattr__(self, "layers", _layers_tuple(cls, self.layers))
 
 

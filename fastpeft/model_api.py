@@ -95,7 +95,7 @@ def eject_prefix(model: nn.Module) -> nn.Module:
     """Replace the prefix reparametrization MLP by the prefixes it computes (a plain trainable parameter).
 
     Outputs do not change; the config the model reports (and `save_adapter` writes) becomes
-    `PrefixConfig(..., reparam_dim=None)`.
+    `PrefixConfig(..., reparam_dim=None)` (and the other reparametrization fields unset).
     """
     state = get_state(model, "eject_prefix")
     encoder = getattr(model, PREFIX_ATTR, None)
@@ -109,5 +109,6 @@ def eject_prefix(model: nn.Module) -> nn.Module:
     state.trained = [n for n in state.trained if n not in old] + new
     attn = state.config.attn
     if isinstance(attn, PrefixConfig):
-        state.config = dataclasses.replace(state.config, attn=dataclasses.replace(attn, reparam_dim=None))
+        flat = dataclasses.replace(attn, reparam_dim=None, embedding_dim=None, reparam_per_kind=False)
+        state.config = dataclasses.replace(state.config, attn=flat)
     return model

@@ -23,6 +23,7 @@ from fastpeft.modules.prefix import (
     ExitForward,
     PrefixEncoder,
     PrefixSite,
+    ShiftPositions,
     legacy_bert_self_attention_forward,
     register_interface,
 )
@@ -48,6 +49,7 @@ class PatchState:
     prefix_paths: list = field(default_factory=list)
     hook_paths: list = field(default_factory=list)  # modules with EnterForward / ExitForward
     embedding_paths: list = field(default_factory=list)
+    positions_path: str = ""  # module with the ShiftPositions hook (PrefixConfig.shift_positions)
     prefix_module: bool = False
     trained: list = field(default_factory=list)  # names of the parameters the method trains
     # Original values (CPU copies) of the model's own parameters the method trains (task head, norms).
@@ -109,7 +111,9 @@ def _execute(model: nn.Module, plan: Plan, state: PatchState) -> None:
     method_params = []
 
     for lora in plan.lora:
-        wrapper = LoRALinear(model.get_submodule(lora.path), lora.parts, lora.config)
+        base = model.get_submodule(lora.path)
+        # New modules start in train mode; they follow the module they wrap (its dropout must not act in eval).
+        wrapper = LoRALinear(base, lora.parts, lora.config).train(base.training)
         _set_module(model, lora.path, wrapper)
         state.lora_paths.append(lora.path)
         method_params += list(wrapper.lora_A.values()) + list(wrapper.lora_B.values())
@@ -120,7 +124,13 @@ def _execute(model: nn.Module, plan: Plan, state: PatchState) -> None:
         factory = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
         adapter = BottleneckAdapter(item.features, item.features, item.config, **factory)
         norm = model.get_submodule(item.post_norm) if item.post_norm else None
-        wrapper = AdapterLayer(base, adapter, sequential=item.config.insertion == "sequential", post_norm=norm)
+        wrapper = AdapterLayer(
+            base,
+            adapter,
+            sequential=item.config.insertion == "sequential",
+            post_norm=norm,
+            reads_sum=item.config.residual_input,
+        ).train(base.training)
         _set_module(model, item.path, wrapper)
         state.adapter_paths.append(item.path)
         if item.x_from is not None:
@@ -154,10 +164,12 @@ def _execute_prefix(model: nn.Module, plan: Plan, state: PatchState, probe: list
         plan.hidden_size,
         [s.kv_heads for s in sites],
         sites[0].head_dim,
+        kinds=[s.kind for s in sites],
         device=reference.device,
         dtype=reference.dtype,
     )
     encoder.checkpoint_probe = probe
+    encoder.train(model.training)
     model.add_module(PREFIX_ATTR, encoder)
     state.prefix_module = True
     if any(not s.legacy for s in sites):
@@ -181,6 +193,10 @@ def _execute_prefix(model: nn.Module, plan: Plan, state: PatchState, probe: list
         module.register_forward_pre_hook(enter)
         module.register_forward_hook(exit_, always_call=True)
         state.hook_paths.append(path)
+    if plan.positions is not None:
+        shift = ShiftPositions(plan.prefix_config.length, plan.arch.positions)
+        model.get_submodule(plan.positions).register_forward_pre_hook(shift, with_kwargs=True)
+        state.positions_path = plan.positions
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -215,6 +231,8 @@ def undo(model: nn.Module, state: PatchState) -> None:
     """Restore the model exactly: in reverse order of `execute`, from whatever point it reached."""
     for path in state.embedding_paths:
         remove_hooks(model.get_submodule(path), RequireInputGrad)
+    if state.positions_path:
+        remove_hooks(model.get_submodule(state.positions_path), ShiftPositions)
     for path in state.hook_paths:
         module = model.get_submodule(path)
         remove_hooks(module, EnterForward)

@@ -34,7 +34,7 @@ class LoRAPlan:
 @dataclass
 class AdapterPlan:
     path: str  # the output projection
-    x_from: Optional[str]  # the module receiving the sublayer input (parallel, or original_ln_before)
+    x_from: Optional[str]  # the module receiving what the adapter reads (sublayer input or residual stream)
     x_arg: tuple
     features: int
     config: AdapterConfig
@@ -48,6 +48,7 @@ class PrefixSitePlan:
     head_dim: int
     scaling: float
     legacy: bool
+    kind: str  # "encoder" / "decoder" (self-attention of that stack) or "cross"
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Plan:
     entries: list = field(default_factory=list)  # model entry points (paths) for the prefix
     embeddings: list = field(default_factory=list)
     probe: str = ""  # first layer: its gradient_checkpointing flag
+    positions: Optional[str] = None  # the module the token positions enter (PrefixConfig.shift_positions)
 
 
 def _join(*parts: str) -> str:
@@ -96,7 +98,8 @@ def _selected(config, index: int) -> bool:
     return config.layers is None or index in config.layers
 
 
-def _head_geometry(config, stack) -> tuple:
+def head_geometry(config, stack) -> tuple:
+    """(query heads, key/value heads, head size) of a stack."""
     heads = getattr(config, stack.heads)
     kv_heads = getattr(config, stack.kv_heads, None) if stack.kv_heads else None
     kv_heads = kv_heads or heads
@@ -188,6 +191,11 @@ def _plan_lora(model, plan: Plan, stacks, method: LoRAConfig) -> None:
                         f"{proj.parts} equal slices"
                     )
                 parts[role] = (proj.part, proj.parts)
+        sliced = [part for part in parts.values() if part is not None]
+        if method.fuse_slices and sliced and len(sliced) == sliced[0][1]:
+            # Every slice of the fused projection is targeted: one LoRA over its whole output.
+            ordered = sorted(parts, key=lambda role: parts[role][0])
+            parts = {"_".join(ordered): None}
         plan.lora.append(LoRAPlan(path, parts, method))
 
 
@@ -205,6 +213,7 @@ def _plan_adapter(model, plan: Plan, stacks, site: str, method: AdapterConfig) -
                     f"fastpeft.apply: {path!r} has {features[1]} outputs, expected the hidden size {plan.hidden_size}"
                 )
             x_from = post_norm = None
+            x_arg = spec.x_arg
             if method.original_ln_before:
                 if spec.post_norm is None:
                     raise ValueError(
@@ -213,10 +222,16 @@ def _plan_adapter(model, plan: Plan, stacks, site: str, method: AdapterConfig) -
                     )
                 post_norm = _join(layer, spec.post_norm)
                 _module(model, post_norm, f"the LayerNorm after the {site} sublayer")
-            if method.insertion == "parallel" or method.original_ln_before:
+            if (method.residual_input or method.original_ln_before) and spec.residual_from is not None:
+                # Pre-LN: the residual stream is the input of the LayerNorm in front of the sublayer.
+                x_from = _join(layer, spec.residual_from[0])
+                x_arg = spec.residual_from[1:]
+                _module(model, x_from, f"the LayerNorm in front of the {site} sublayer")
+            elif method.insertion == "parallel" or method.original_ln_before or method.residual_input:
+                # Post-LN models: the sublayer's input is the block's residual stream too.
                 x_from = _join(layer, spec.x_from)
                 _module(model, x_from, f"the {site} sublayer")
-            plan.adapters.append(AdapterPlan(path, x_from, spec.x_arg, plan.hidden_size, method, post_norm))
+            plan.adapters.append(AdapterPlan(path, x_from, x_arg, plan.hidden_size, method, post_norm))
 
 
 def _plan_prefix(model, plan: Plan, stacks, method: PrefixConfig) -> None:
@@ -228,15 +243,17 @@ def _plan_prefix(model, plan: Plan, stacks, method: PrefixConfig) -> None:
             f"{implementation!r}; load it with attn_implementation='sdpa'"
         )
     plan.prefix_config = method
+    if method.shift_positions:
+        _plan_positions(model, plan)
     for stack, layers in stacks:
-        heads, kv_heads, head_dim = _head_geometry(config, stack)
-        attentions = [stack.self_attention]
+        heads, kv_heads, head_dim = head_geometry(config, stack)
+        attentions = [(stack.self_attention, stack.name)]
         if stack.cross_attention is not None and method.cross_attention:
-            attentions.append(stack.cross_attention)
+            attentions.append((stack.cross_attention, "cross"))
         for index, layer in layers:
             if not _selected(method, index):
                 continue
-            for attention in attentions:
+            for attention, kind in attentions:
                 path = _join(layer, attention.module)
                 module = _module(model, path, "an attention module")
                 q = _module(model, _join(layer, attention.q[0].path), "a query projection")
@@ -251,11 +268,22 @@ def _plan_prefix(model, plan: Plan, stacks, method: PrefixConfig) -> None:
                 if legacy:
                     _check_legacy_attention(plan.arch, path, module)
                 plan.prefix_sites.append(
-                    PrefixSitePlan(path, kv_heads, head_dim, default_scaling(module, head_dim), legacy)
+                    PrefixSitePlan(path, kv_heads, head_dim, default_scaling(module, head_dim), legacy, kind)
                 )
     head_dims = sorted({site.head_dim for site in plan.prefix_sites})
     if len(head_dims) > 1:  # one [rows, L, D] tensor holds every prefix
         raise ValueError(f"fastpeft.apply: prefix tuning needs one head size across attentions, got {head_dims}")
+
+
+def _plan_positions(model, plan: Plan) -> None:
+    positions = plan.arch.positions
+    if positions is None:
+        raise ValueError(
+            f"fastpeft.apply: PrefixConfig.shift_positions is not supported for {plan.arch.name} (fastpeft does not "
+            "know where its token positions enter the model)"
+        )
+    plan.positions = _join(_base_path(model), positions.module)
+    _module(model, plan.positions, "the module the token positions enter")
 
 
 def _check_legacy_attention(arch: Arch, path: str, module: nn.Module) -> None:

@@ -4,6 +4,8 @@ Sequential insertion (Houlsby, Pfeiffer): y = h + s * f(h), h the output project
 Parallel insertion (He et al.): y = h + s * f(x), x the sublayer's input, captured by a forward pre-hook on the
 module that receives it (`CaptureInput`), because in most models the input and the output projection are not
 the same module (BERT's FFN input reaches `BertOutput`, its output projection is `BertOutput.dense`).
+AdapterHub's variants read the block's residual stream instead, captured the same way: a parallel adapter reads
+the residual itself, a sequential one h + residual (normalised by the block's LayerNorm in post-LN models).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class BottleneckAdapter(nn.Module):
         self.up = nn.Linear(config.r, d_out, device=device, dtype=dtype)
         self.activation = config.activation
         self.dropout = config.dropout
+        self.dropout_position = config.dropout_position
         if config.scale == "learned":
             self.scale = nn.Parameter(torch.ones((), device=device, dtype=dtype))
         else:
@@ -59,38 +62,42 @@ class BottleneckAdapter(nn.Module):
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
         """h + s * Delta h(x). Passing `x is h` is sequential insertion."""
-        if self.dropout > 0.0 and self.training:
+        dropping = self.dropout > 0.0 and self.training
+        if dropping and self.dropout_position == "input":
             # Dropout on the adapter's input; the residual h stays undropped.
             x = nn.functional.dropout(x, self.dropout, training=True)
         scale = self.scale if isinstance(self.scale, float) else like(self.scale, h)
-        return adapter_op(
-            x,
-            h,
-            like(self.down.weight, h),
-            like(self.up.weight, h),
-            like(self.down.bias, h),
-            like(self.up.bias, h),
-            scale=scale,
-            activation=self.activation,
-        )
+        weights = (like(self.down.weight, h), like(self.up.weight, h), like(self.down.bias, h), like(self.up.bias, h))
+        if dropping and self.dropout_position == "output":
+            # Dropout on s * Delta h (AdapterHub): the op adds the change onto zeros, then h is added.
+            delta = adapter_op(x, torch.zeros_like(h), *weights, scale=scale, activation=self.activation)
+            return h + nn.functional.dropout(delta, self.dropout, training=True)
+        return adapter_op(x, h, *weights, scale=scale, activation=self.activation)
 
     def extra_repr(self) -> str:
         scale = "learned" if isinstance(self.scale, nn.Parameter) else self.scale
-        return f"activation={self.activation}, scale={scale}, dropout={self.dropout}"
+        dropout = f"{self.dropout} on the {self.dropout_position}" if self.dropout else "0.0"
+        return f"activation={self.activation}, scale={scale}, dropout={dropout}"
 
 
 class AdapterLayer(nn.Module):
     """Wraps a sublayer's output projection `base_layer` and adds the adapter to its output.
 
-    With `post_norm` (a sequential adapter in a post-LN model, AdapterHub's `original_ln_before`), the adapter
-    reads post_norm(h + residual), the residual being the sublayer's input, and adds onto h.
+    What the adapter reads (`CaptureInput` hands over the captured tensor c just before the sublayer runs):
+
+    - sequential: h itself, or with `reads_sum`, h + c, c being the block's residual, normalised by `post_norm`
+      when given (AdapterHub's `original_ln_before` in post-LN models); the adapter still adds onto h.
+    - parallel: c, the sublayer's input (or the block's residual stream).
     """
 
-    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter, sequential: bool, post_norm=None):
+    def __init__(
+        self, base_layer: nn.Module, adapter: BottleneckAdapter, sequential: bool, post_norm=None, reads_sum=False
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.adapter = adapter
         self.sequential = sequential
+        self.reads_sum = sequential and (reads_sum or post_norm is not None)
         # The model's own LayerNorm, held in a list so that it is not registered (and counted) twice.
         self.post_norm = [post_norm] if post_norm is not None else []
         # Set by `CaptureInput` just before the sublayer runs; consumed (and released) by `forward`.
@@ -98,7 +105,7 @@ class AdapterLayer(nn.Module):
 
     def forward(self, *args, **kwargs) -> Tensor:
         h = self.base_layer(*args, **kwargs)
-        if self.sequential and not self.post_norm:
+        if self.sequential and not self.reads_sum:
             return self.adapter(h, h)
         x, self.captured_input = self.captured_input, None
         if x is None:
@@ -107,12 +114,16 @@ class AdapterLayer(nn.Module):
                 "output projection was not called (was the output projection called directly?)"
             )
         if self.sequential:
-            x = self.post_norm[0](h + x)
+            x = h + x
+            if self.post_norm:
+                x = self.post_norm[0](x)
         return self.adapter(x, h)
 
     def extra_repr(self) -> str:
         insertion = "sequential" if self.sequential else "parallel"
-        return f"insertion={insertion}" + (", original_ln_before=True" if self.post_norm else "")
+        if self.post_norm:
+            return f"insertion={insertion}, original_ln_before=True"
+        return f"insertion={insertion}" + (", reads h + residual" if self.reads_sum else "")
 
 
 class CaptureInput:

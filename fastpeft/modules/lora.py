@@ -39,7 +39,8 @@ class LoRALinear(nn.Module):
     """A projection with one LoRA per role.
 
     `parts` maps each role to the slice of the output it adapts: None for the whole output, or (index, count)
-    for slice `index` of `count` equal slices of a fused projection (GPT-2's c_attn is [q | k | v]).
+    for slice `index` of `count` equal slices of a fused projection (GPT-2's c_attn is [q | k | v]). A role on the
+    whole of a fused projection is named by its roles joined with "_" ("q_k_v", `LoRAConfig.fuse_slices`).
 
     Parameters (settable from outside): `lora_A[role]` [r, in_features] and `lora_B[role]` [slice size, r];
     the wrapped projection is `base_layer`.
@@ -55,7 +56,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.r = config.r
         self.alpha = config.alpha
-        self.scale = config.alpha / config.r
+        self.scale = config.scale
         self.dropout = config.dropout
         self.parts = dict(parts)
         counts = {part[1] for part in self.parts.values() if part is not None}
@@ -118,4 +119,4 @@ class LoRALinear(nn.Module):
         return merged.to(weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, roles={list(self.parts)}, dropout={self.dropout}"
+        return f"r={self.r}, scale={self.scale:g}, roles={list(self.parts)}, dropout={self.dropout}"

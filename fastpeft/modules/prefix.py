@@ -64,6 +64,28 @@ class _ReparametrizeRerunnable(torch.autograd.Function):
         return tuple(next(grads) if t.requires_grad else None for t in inputs)
 
 
+class Reparametrization(nn.Module):
+    """The prefixes of some sites through an MLP (PAPER.md section 3): `embedding` [L, e], `down` (Linear e -> m),
+    `up` (Linear m -> rows * D, output index = row * D + dim)."""
+
+    def __init__(self, length: int, embedding_dim: int, reparam_dim: int, rows: int, head_dim: int, **factory):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.randn(length, embedding_dim, **factory))
+        self.down = nn.Linear(embedding_dim, reparam_dim, **factory)
+        self.up = nn.Linear(reparam_dim, rows * head_dim, **factory)
+
+
+def _compute_reparam(holder: nn.Module, rows: int, head_dim: int, checkpointing: bool) -> Tensor:
+    """The prefixes an MLP holder (`PrefixEncoder` itself or a `Reparametrization`) computes, [rows, L, D]."""
+    inputs = (holder.embedding, holder.down.weight, holder.down.bias, holder.up.weight, holder.up.bias)
+    if checkpointing and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        out = _ReparametrizeRerunnable.apply(*inputs)
+    else:
+        out = _reparametrize(*inputs)
+    # [L, rows * D] -> [rows, L, D], contiguous so that each site's keys and values are contiguous slices.
+    return out.view(holder.embedding.shape[0], rows, head_dim).transpose(0, 1).contiguous()
+
+
 class PrefixEncoder(nn.Module):
     """The prefixes of every attention site of a model.
 
@@ -72,14 +94,27 @@ class PrefixEncoder(nn.Module):
     (`PrefixSite.index`; encoder layers first, self-attention before cross-attention).
 
     Parameters: `prefix` [rows, L, D] when flat (reparam_dim None, or after `eject`); otherwise `embedding`
-    [L, d], `down` (Linear d -> m) and `up` (Linear m -> rows * D, output index = row * D + dim).
+    [L, e] (e = embedding_dim, default the hidden size), `down` (Linear e -> m) and `up` (Linear m -> rows * D,
+    output index = row * D + dim). With `reparam_per_kind`, one such MLP per kind of site instead, in
+    `reparams[kind]` (kinds "encoder", "decoder", "cross"), whose rows are its sites' rows in site order.
     """
 
-    def __init__(self, config: PrefixConfig, hidden_size: int, kv_heads: list, head_dim: int, *, device=None, dtype=None):
+    def __init__(
+        self,
+        config: PrefixConfig,
+        hidden_size: int,
+        kv_heads: list,
+        head_dim: int,
+        *,
+        kinds: Optional[list] = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.length = config.length
         self.head_dim = head_dim
         self.kv_heads = list(kv_heads)
+        self.kinds = list(kinds) if kinds is not None else ["decoder"] * len(self.kv_heads)
         self.offsets = []
         rows = 0
         for heads in self.kv_heads:
@@ -87,11 +122,18 @@ class PrefixEncoder(nn.Module):
             rows += 2 * heads
         self.rows = rows
         factory = {"device": device, "dtype": dtype}
+        embedding_dim = config.embedding_dim or hidden_size
         if config.reparam_dim is None:
             self.prefix = nn.Parameter(torch.randn(rows, config.length, head_dim, **factory))
+        elif config.reparam_per_kind:
+            self.reparams = nn.ModuleDict()
+            for kind in dict.fromkeys(self.kinds):
+                self.reparams[kind] = Reparametrization(
+                    config.length, embedding_dim, config.reparam_dim, self.kind_rows(kind), head_dim, **factory
+                )
         else:
-            self.embedding = nn.Parameter(torch.randn(config.length, hidden_size, **factory))
-            self.down = nn.Linear(hidden_size, config.reparam_dim, **factory)
+            self.embedding = nn.Parameter(torch.randn(config.length, embedding_dim, **factory))
+            self.down = nn.Linear(embedding_dim, config.reparam_dim, **factory)
             self.up = nn.Linear(config.reparam_dim, rows * head_dim, **factory)
         # The prefixes of the current forward ([rows, L, D]), set by `EnterForward`, kept after the forward so that
         # gradient checkpointing recomputes layers in backward with the same tensor.
@@ -99,6 +141,10 @@ class PrefixEncoder(nn.Module):
         self.depth = 0
         # A layer of the model whose `gradient_checkpointing` flag transformers sets (in a list: not a submodule).
         self.checkpoint_probe: list = []
+
+    def kind_rows(self, kind: str) -> int:
+        """How many rows the sites of one kind hold."""
+        return sum(2 * heads for heads, k in zip(self.kv_heads, self.kinds) if k == kind)
 
     @property
     def flat(self) -> bool:
@@ -108,15 +154,26 @@ class PrefixEncoder(nn.Module):
         """All prefixes, [rows, L, D]."""
         if self.flat:
             return self.prefix
-        inputs = (self.embedding, self.down.weight, self.down.bias, self.up.weight, self.up.bias)
         probe = self.checkpoint_probe[0] if self.checkpoint_probe else None
         checkpointing = probe is not None and getattr(probe, "gradient_checkpointing", False) and self.training
-        if checkpointing and torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-            out = _ReparametrizeRerunnable.apply(*inputs)
-        else:
-            out = _reparametrize(*inputs)
-        # [L, rows * D] -> [rows, L, D], contiguous so that each site's keys and values are contiguous slices.
-        return out.view(self.length, self.rows, self.head_dim).transpose(0, 1).contiguous()
+        if "reparams" not in self._modules:
+            return _compute_reparam(self, self.rows, self.head_dim, checkpointing)
+        return self.assemble(
+            {
+                kind: _compute_reparam(module, self.kind_rows(kind), self.head_dim, checkpointing)
+                for kind, module in self.reparams.items()
+            }
+        )
+
+    def assemble(self, per_kind: dict) -> Tensor:
+        """All prefixes [rows, L, D] from each kind's prefixes {kind: [kind_rows(kind), L, D]}: each site takes the
+        next rows of its kind, in site order."""
+        taken = dict.fromkeys(per_kind, 0)
+        pieces = []
+        for heads, kind in zip(self.kv_heads, self.kinds):
+            pieces.append(per_kind[kind][taken[kind] : taken[kind] + 2 * heads])
+            taken[kind] += 2 * heads
+        return torch.cat(pieces)
 
     def site(self, index: int, like_tensor: Tensor) -> tuple:
         """(prefix_k, prefix_v) of site `index`, each [Hkv, L, D], in the dtype of `like_tensor`."""
@@ -149,12 +206,16 @@ class PrefixEncoder(nn.Module):
         """Replace the reparametrization by the prefixes it computes (a plain parameter)."""
         if self.flat:
             return
-        requires_grad = self.embedding.requires_grad
-        if self.embedding.device.type == "meta":  # no values to compute (parameter counting)
-            prefix = self.embedding.new_empty(self.rows, self.length, self.head_dim)
+        reference = next(self.parameters())
+        requires_grad = reference.requires_grad
+        if reference.device.type == "meta":  # no values to compute (parameter counting)
+            prefix = reference.new_empty(self.rows, self.length, self.head_dim)
         else:
             prefix = self.compute().detach().clone()
-        del self.embedding, self.down, self.up
+        if "reparams" in self._modules:
+            del self.reparams
+        else:
+            del self.embedding, self.down, self.up
         self.prefix = nn.Parameter(prefix, requires_grad=requires_grad)
         self.current = None
 
@@ -185,6 +246,34 @@ class ExitForward:
     def __call__(self, module, args, output):
         self.encoder.depth = max(self.encoder.depth - 1, 0)
         return None
+
+
+class ShiftPositions:
+    """Forward pre-hook on the module the token positions enter (`architectures.Positions`): real tokens take
+    positions shifted by the prefix length, as when the prefix occupies the first positions of the KV cache (peft).
+
+    Explicit position ids are shifted; when there are none and the module derives them from a past length
+    (BERT / RoBERTa embeddings), that length is increased instead, so that the model's own rule (RoBERTa keeps
+    padding tokens at its padding position) applies unchanged.
+    """
+
+    def __init__(self, length: int, positions):
+        self.length = length
+        self.name, self.position = positions.arg
+        self.past_length = positions.past_length
+
+    def __call__(self, module, args, kwargs):
+        if self.name in kwargs and kwargs[self.name] is not None:
+            kwargs[self.name] = kwargs[self.name] + self.length
+            return args, kwargs
+        if len(args) > self.position and args[self.position] is not None:
+            args = list(args)
+            args[self.position] = args[self.position] + self.length
+            return tuple(args), kwargs
+        if self.past_length is None:
+            raise RuntimeError(f"fastpeft: {type(module).__name__} was called without {self.name!r} to shift")
+        kwargs[self.past_length] = kwargs.get(self.past_length, 0) + self.length
+        return args, kwargs
 
 
 class PrefixSite:
