@@ -176,11 +176,13 @@ def test_installed_wheel_imports_and_reports_its_build(wheel_installed, built, t
 
 
 def test_cpu_suite_passes_against_the_installed_wheel(wheel_installed, tmp_path):
-    """The repository's tests (not the slow ones; not tests/models, which need transformers) with the installed
-    package: run from a scratch directory with -P, so `import fastpeft` cannot find the source tree."""
+    """The repository's tests (not the slow ones; not tests/models, which need transformers; not the benchmark
+    suite's smoke test, since `benchmarks/` is the repository's, not the wheel's) with the installed package: run
+    from a scratch directory with -P, so `import fastpeft` cannot find the source tree."""
     env = dict(os.environ, FASTPEFT_EXPECT_EXTENSION="1", FASTPEFT_EXPECT_INSTALLED_IN=wheel_installed.site_packages)
     command = ["-m", "pytest", "-q", "-rp", "-p", "no:cacheprovider", "-c", os.path.join(ROOT, "pyproject.toml"),
-               "--rootdir", ROOT, os.path.join(ROOT, "tests"), "--ignore", os.path.join(ROOT, "tests", "models")]
+               "--rootdir", ROOT, os.path.join(ROOT, "tests"), "--ignore", os.path.join(ROOT, "tests", "models"),
+               "--ignore", os.path.join(ROOT, "tests", "test_benchmarks.py")]
     result = wheel_installed.py(*command, cwd=tmp_path, env=env, check=False)
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, f"the suite failed against the wheel:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
