@@ -36,10 +36,11 @@ def test_extension_built_when_expected():
     assert _compat.parse_arch_list(build["arch_list"]), build["arch_list"]
     # The record the package reads before loading the binary says what the binary itself says.
     assert _extension.read_build_info_file(_extension._BUILD_INFO_PATH) == build
-    # The kernel is registered with the dispatcher, for CUDA tensors.
-    schema = str(torch.ops.fastpeft_cuda.adapter_epilogue.default._schema)
-    assert schema.startswith("fastpeft_cuda::adapter_epilogue(Tensor residual, Tensor up")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastpeft_cuda::adapter_epilogue", "CUDA")
+    # The kernels the CUDA paths call are registered with the dispatcher, for CUDA tensors.
+    for op in ("adapter_shrink", "adapter_expand", "adapter_grad_z", "adapter_grad_x", "prefix_forward",
+               "prefix_backward"):
+        assert str(getattr(torch.ops.fastpeft_cuda, op).default._schema).startswith(f"fastpeft_cuda::{op}(")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastpeft_cuda::{op}", "CUDA"), op
 
 
 def test_info_matches_the_running_state():

@@ -23,11 +23,6 @@ inline DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
   }
 }
 
-// The dtype kernels do arithmetic in for `t`'s element type (float32, or float64 for float64).
-inline at::ScalarType compute_dtype_of(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline void check_cuda_launch(cudaError_t status, const char* op) {
   TORCH_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
 }
