@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -30,3 +32,20 @@ def assert_error_bounded(actual, eager, truth, *, factor=2.0, atol=1e-6, name="o
     computation in eager PyTorch at the same precision (plus `atol` for values eager happens to get exact)."""
     err, eager_err = max_error(actual, truth), max_error(eager, truth)
     assert err <= factor * eager_err + atol, f"{name}: error {err:.3e} > {factor} x eager error {eager_err:.3e} + {atol}"
+
+
+def activation64(z: torch.Tensor, name: str) -> torch.Tensor:
+    """The activations written out from their definitions: the tests' truth, independent of fastpeft.reference."""
+    if name == "identity":
+        return z
+    if name == "relu":
+        return torch.where(z > 0, z, torch.zeros_like(z))
+    if name == "gelu":
+        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
+    if name == "gelu_tanh":
+        return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+    if name == "silu":
+        return z / (1 + torch.exp(-z))
+    if name == "tanh":
+        return (torch.exp(z) - torch.exp(-z)) / (torch.exp(z) + torch.exp(-z))
+    raise ValueError(f"unknown activation {name!r}")

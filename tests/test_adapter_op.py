@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import fastpeft
-from helpers import assert_error_bounded, max_error, randn
+from helpers import activation64 as act64, assert_error_bounded, max_error, randn
 
 ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh", "silu", "tanh"]
-
-
-def act64(z: torch.Tensor, name: str) -> torch.Tensor:
-    """The activations written out from their definitions (independent of fastpeft.reference)."""
-    if name == "identity":
-        return z
-    if name == "relu":
-        return torch.where(z > 0, z, torch.zeros_like(z))
-    if name == "gelu":
-        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
-    if name == "gelu_tanh":
-        return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
-    if name == "silu":
-        return z / (1 + torch.exp(-z))
-    if name == "tanh":
-        return (torch.exp(z) - torch.exp(-z)) / (torch.exp(z) + torch.exp(-z))
-    raise AssertionError(name)
 
 
 def formula64(x, h, w_down, w_up, b_down, b_up, scale, activation):

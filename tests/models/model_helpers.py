@@ -11,7 +11,6 @@ pre-LN models, the block input or the previous LayerNorm's output in post-LN mod
 from __future__ import annotations
 
 import copy
-import math
 import types
 
 import torch
@@ -19,6 +18,7 @@ import transformers
 from transformers import AttentionInterface
 
 import fastpeft
+from helpers import activation64
 
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
 VOCAB = 64
@@ -284,20 +284,7 @@ def _layers(model, arch):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def act(z, name):
-    if name == "identity":
-        return z
-    if name == "relu":
-        return z.clamp_min(0)
-    if name == "gelu":
-        return 0.5 * z * (1 + torch.erf(z / math.sqrt(2)))
-    if name == "gelu_tanh":
-        return 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
-    if name == "silu":
-        return z / (1 + torch.exp(-z))
-    if name == "tanh":
-        return torch.tanh(z)
-    raise ValueError(name)
+act = activation64  # the explicit activation formulas, shared with the op tests
 
 
 def adapter_math(x, h, wd, bd, wu, bu, s, activation):
